@@ -1,0 +1,12 @@
+"""Keep leaking Django workers alive and find the URL patterns and tasks that leak."""
+
+from __future__ import annotations
+
+__all__ = ["flush"]
+
+
+def flush() -> bool:
+    """Write this process's pending measurements to the database now; return success."""
+    from django_leakguard.recorder import get_recorder
+
+    return get_recorder().flush()

@@ -1,0 +1,58 @@
+"""Settings of the demo project used by the docs, `make demo` and the integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from testproject.dburl import database_from_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = "testproject-not-secret"
+DEBUG = os.environ.get("TESTPROJECT_DEBUG", "") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_leakguard",
+    "shop",
+]
+
+MIDDLEWARE = [
+    "django_leakguard.middleware.LeakGuardMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+WSGI_APPLICATION = "testproject.wsgi.application"
+ASGI_APPLICATION = "testproject.asgi.application"
+
+# SQLite by default; PostgreSQL (or another SQLite file) when DATABASE_URL names it.
+DATABASES = {
+    "default": database_from_url(os.environ["DATABASE_URL"])
+    if os.environ.get("DATABASE_URL")
+    else {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": BASE_DIR / "db.sqlite3",
+        "OPTIONS": {"timeout": 30},
+    }
+}
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LEAKGUARD = {
+    "MAX_REQUESTS": int(os.environ.get("LEAKGUARD_MAX_REQUESTS", "1000")),
+    "MAX_REQUESTS_JITTER": 0.1,
+    "FLUSH_INTERVAL": float(os.environ.get("LEAKGUARD_FLUSH_INTERVAL", "30")),
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django_leakguard": {"handlers": ["console"], "level": "INFO"}},
+}
