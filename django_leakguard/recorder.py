@@ -1,15 +1,485 @@
-"""Per-process attribution and bounded aggregation (placeholder until issue 3 lands)."""
+"""Per-process attribution of memory changes to calls in flight, bounded aggregation, flushing.
+
+Every call (a request or a task) samples rss and heap when it begins and when it ends. Each
+change between two consecutive samples is split evenly among the calls in flight during it.
+Instead of visiting every call at every sample, the recorder keeps a running sum of the shares
+(``share += change / calls_in_flight``): a call's attributed growth is the difference of that sum
+between its end and its begin. Serially this is the exact delta of the call; with threads or
+async the shares of all calls add up to the process's change over the time calls were in flight,
+so nothing is counted twice.
+"""
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from django_leakguard import conf, memory
+
+logger = logging.getLogger("django_leakguard")
+
+OTHER = "<other>"
+UNMATCHED = "<unmatched>"
+KEY_MAX_LENGTH = 255
+
+# Hourly buckets kept in memory while the database is unreachable; older ones are dropped.
+MAX_PENDING_HOURS = 24
+# A process prunes old rows at its first flush, then at most once per this many seconds.
+PRUNE_EVERY = 24 * 3600.0
+# mallinfo2() walks the allocator's free lists, so its cost grows with fragmentation (0.4 µs
+# in a bare interpreter, several µs in a large application). When a reading costs more than
+# this, only a random fraction budget/cost of the calls read the heap; heap_calls counts them.
+HEAP_PROBE_BUDGET = 0.7e-6
+# Recording errors are logged at most once per this many seconds.
+ERROR_LOG_INTERVAL = 60.0
+
+
+class Call:
+    """One request or task in flight: where the running shares stood when it began."""
+
+    __slots__ = ("generation", "heap_share", "rss_share")
+
+    def __init__(self, generation: int, rss_share: float, heap_share: float | None) -> None:
+        self.generation = generation
+        self.rss_share = rss_share
+        # None when this call does not read the heap (see HEAP_PROBE_BUDGET).
+        self.heap_share = heap_share
+
+
+class Aggregate:
+    """Totals of one (kind, key) during one hour."""
+
+    __slots__ = (
+        "calls",
+        "heap_calls",
+        "heap_growth",
+        "heap_growth_max",
+        "rss_grew_calls",
+        "rss_growth",
+        "rss_growth_max",
+        "rss_growth_positive",
+        "view",
+    )
+
+    def __init__(self, view: str) -> None:
+        self.view = view
+        self.calls = 0
+        self.rss_growth = 0
+        self.rss_growth_positive = 0
+        self.rss_grew_calls = 0
+        self.rss_growth_max = 0
+        self.heap_calls = 0
+        self.heap_growth = 0
+        self.heap_growth_max = 0
+
+    def add(self, rss_growth: int, heap_growth: int | None) -> None:
+        if self.calls == 0 or rss_growth > self.rss_growth_max:
+            self.rss_growth_max = rss_growth
+        self.calls += 1
+        self.rss_growth += rss_growth
+        if rss_growth > 0:
+            self.rss_growth_positive += rss_growth
+            self.rss_grew_calls += 1
+        if heap_growth is not None:
+            if self.heap_calls == 0 or heap_growth > self.heap_growth_max:
+                self.heap_growth_max = heap_growth
+            self.heap_calls += 1
+            self.heap_growth += heap_growth
+
+    def merge(self, other: Aggregate) -> None:
+        if other.calls:
+            if self.calls == 0 or other.rss_growth_max > self.rss_growth_max:
+                self.rss_growth_max = other.rss_growth_max
+            if other.view:
+                self.view = other.view
+        if other.heap_calls and (
+            self.heap_calls == 0 or other.heap_growth_max > self.heap_growth_max
+        ):
+            self.heap_growth_max = other.heap_growth_max
+        self.calls += other.calls
+        self.rss_growth += other.rss_growth
+        self.rss_growth_positive += other.rss_growth_positive
+        self.rss_grew_calls += other.rss_grew_calls
+        self.heap_calls += other.heap_calls
+        self.heap_growth += other.heap_growth
+
+
+# pending[hour][(kind, key)]; hour is the Unix time divided by 3600.
+Pending = dict[int, dict[tuple[str, str], Aggregate]]
+
+
+@dataclass
+class WorkerState:
+    """This process's identity and memory at its first and latest call."""
+
+    host: str
+    pid: int
+    started_at: datetime
+    kind: str = ""
+    rss_first: int | None = None
+    heap_first: int | None = None
+    rss_last: int = 0
+    heap_last: int | None = None
+    calls: int = 0  # calls not flushed yet
+
+
+@dataclass
+class Batch:
+    """What one flush writes: taken from the recorder, given back when the write fails."""
+
+    pending: Pending
+    worker: WorkerState
+    prune: bool = False
+
+
+class _RateLimitedLog:
+    """Log an exception at most once per interval, counting the ones left out."""
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def exception(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        suffix = f" ({self.suppressed} similar errors not logged)" if self.suppressed else ""
+        self.suppressed = 0
+        self.next_at = now + self.interval
+        logger.exception("%s%s", message, suffix)
+
 
 class Recorder:
+    """Attribute memory changes to calls in flight and aggregate them per (kind, key, hour)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also called in a forked child: new locks (a lock held by another thread at fork time
+        # would stay held forever), no calls in flight, nothing pending: the parent flushes its
+        # own data.
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._in_flight = 0
+        self._rss_share = 0.0
+        self._heap_share = 0.0
+        self._heap_in_flight = 0  # calls in flight that read the heap
+        self._last_rss = 0
+        self._last_heap = 0
+        self._has_heap = memory.heap_available()
+        self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
+        if self._has_heap:
+            self._time_heap()
+        self._pending: Pending = {}
+        self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
+        self._worker = WorkerState(
+            host=socket.gethostname()[:255], pid=os.getpid(), started_at=_now()
+        )
+        self._last_flush = time.monotonic()
+        self._next_prune = 0.0
+        self._failing = False
+        self._dropped_logged = False
+        self._errors = _RateLimitedLog()
+
+    # The request path -------------------------------------------------------------------
+
+    def _time_heap(self) -> int | None:
+        start = time.perf_counter()
+        heap = memory.heap()
+        cost = time.perf_counter() - start
+        self._heap_cost = cost if not self._heap_cost else 0.9 * self._heap_cost + 0.1 * cost
+        return heap
+
+    def _reads_heap(self) -> bool:
+        if not self._has_heap:
+            return False
+        cost = self._heap_cost
+        return cost <= HEAP_PROBE_BUDGET or random.random() * cost < HEAP_PROBE_BUDGET
+
+    def begin(self) -> Call:
+        """Sample memory and register a call in flight."""
+        try:
+            rss = memory.rss()
+            heap = self._time_heap() if self._reads_heap() else None
+            with self._lock:
+                n = self._in_flight
+                if n:
+                    self._rss_share += (rss - self._last_rss) / n
+                self._last_rss = rss
+                self._in_flight = n + 1
+                heap_share = None
+                if heap is not None:
+                    n = self._heap_in_flight
+                    if n:
+                        self._heap_share += (heap - self._last_heap) / n
+                    self._last_heap = heap
+                    self._heap_in_flight = n + 1
+                    heap_share = self._heap_share
+                worker = self._worker
+                if worker.rss_first is None:
+                    worker.rss_first = rss
+                    worker.heap_first = heap
+                return Call(self._generation, self._rss_share, heap_share)
+        except Exception:
+            self._errors.exception("LeakGuard could not sample memory at the start of a call")
+            return Call(-1, 0.0, None)
+
+    def end(self, call: Call, kind: str, key: str, view: str = "") -> None:
+        """Sample memory, attribute the change, and add the call to its key's totals."""
+        try:
+            if call.generation != self._generation:
+                return  # begun before a fork or a discard(), or begin() failed
+            call.generation = -1  # a second end() of the same call is ignored
+            rss = memory.rss()
+            heap = None if call.heap_share is None else self._time_heap()
+            hour = int(time.time()) // 3600
+            with self._lock:
+                n = self._in_flight
+                self._rss_share += (rss - self._last_rss) / n
+                self._last_rss = rss
+                self._in_flight = n - 1
+                heap_growth: int | None = None
+                if heap is not None:
+                    n = self._heap_in_flight
+                    self._heap_share += (heap - self._last_heap) / n
+                    self._last_heap = heap
+                    self._heap_in_flight = n - 1
+                    heap_growth = round(self._heap_share - call.heap_share)  # type: ignore[operator]
+                bucket = self._pending.get(hour)
+                if bucket is None:
+                    bucket = self._new_bucket(hour)
+                aggregate = bucket.get((kind, key))
+                if aggregate is None:
+                    aggregate = self._new_aggregate(bucket, hour, kind, key, view)
+                aggregate.add(round(self._rss_share - call.rss_share), heap_growth)
+                worker = self._worker
+                if not worker.kind:
+                    worker.kind = kind
+                worker.rss_last = rss
+                if heap is not None:
+                    worker.heap_last = heap
+                worker.calls += 1
+        except Exception:
+            self._errors.exception("LeakGuard could not record a call")
+
+    def _new_bucket(self, hour: int) -> dict[tuple[str, str], Aggregate]:
+        if len(self._pending) >= MAX_PENDING_HOURS:
+            oldest = min(self._pending)
+            del self._pending[oldest]
+            self._keys.pop(oldest, None)
+            if not self._dropped_logged:
+                self._dropped_logged = True
+                logger.warning(
+                    "LeakGuard dropped memory measurements older than %d hours: the database "
+                    "has been unreachable for that long.",
+                    MAX_PENDING_HOURS,
+                )
+        bucket: dict[tuple[str, str], Aggregate] = {}
+        self._pending[hour] = bucket
+        self._keys[hour] = 0
+        return bucket
+
+    def _new_aggregate(
+        self, bucket: dict[tuple[str, str], Aggregate], hour: int, kind: str, key: str, view: str
+    ) -> Aggregate:
+        if key != OTHER and self._keys[hour] >= conf.get_settings().MAX_KEYS:
+            key, view = OTHER, ""
+            aggregate = bucket.get((kind, key))
+            if aggregate is not None:
+                return aggregate
+        if key != OTHER:
+            self._keys[hour] += 1
+        aggregate = Aggregate(view[:KEY_MAX_LENGTH])
+        bucket[(kind, key[:KEY_MAX_LENGTH])] = aggregate
+        return aggregate
+
+    # Flushing ---------------------------------------------------------------------------
+
+    def flush_due(self) -> bool:
+        """Return whether FLUSH_INTERVAL has elapsed since the last flush; never raises."""
+        try:
+            return time.monotonic() - self._last_flush >= conf.get_settings().FLUSH_INTERVAL
+        except Exception:
+            return False
+
+    def flush_if_due(self) -> None:
+        """Flush when FLUSH_INTERVAL has elapsed, unless a flush is running; never raises."""
+        try:
+            if not self.flush_due():
+                return
+            if not self._flush_lock.acquire(blocking=False):
+                return  # another thread is flushing
+            try:
+                from django_leakguard import storage
+
+                if storage.in_transaction():
+                    return  # never write inside someone's transaction: retry later
+                self._flush_locked()
+            finally:
+                self._flush_lock.release()
+        except Exception:
+            self._errors.exception("LeakGuard could not flush")
+
     def flush(self) -> bool:
+        """Write pending aggregates now; return False when the database write failed."""
+        try:
+            with self._flush_lock:
+                return self._flush_locked()
+        except Exception:
+            self._errors.exception("LeakGuard could not flush")
+            return False
+
+    def _take(self) -> Batch | None:
+        with self._lock:
+            worker = self._worker
+            if not self._pending and not worker.calls:
+                return None
+            batch = Batch(pending=self._pending, worker=_copy_worker(worker))
+            self._pending = {}
+            self._keys = {}
+            worker.calls = 0
+            return batch
+
+    def _give_back(self, batch: Batch) -> None:
+        """Merge a batch that failed to write back into the pending aggregates."""
+        with self._lock:
+            for hour in sorted(batch.pending):
+                for (kind, key), old in batch.pending[hour].items():
+                    bucket = self._pending.get(hour)
+                    if bucket is None:
+                        bucket = self._new_bucket(hour)
+                    aggregate = bucket.get((kind, key))
+                    if aggregate is None:
+                        aggregate = self._new_aggregate(bucket, hour, kind, key, old.view)
+                    aggregate.merge(old)
+            self._worker.calls += batch.worker.calls
+
+    def _flush_locked(self) -> bool:
+        from django_leakguard import storage
+
+        self._last_flush = time.monotonic()
+        batch = self._take()
+        if batch is None:
+            return True
+        now = time.monotonic()
+        batch.prune = now >= self._next_prune
+        try:
+            storage.write(batch)
+        except Exception as exc:
+            self._give_back(batch)
+            if not self._failing:
+                self._failing = True
+                logger.warning(
+                    "LeakGuard could not write memory measurements to the database %r "
+                    "(%s: %s); keeping them in memory and retrying every flush.",
+                    conf.get_settings().DATABASE,
+                    type(exc).__name__,
+                    exc,
+                )
+            storage.discard_broken_connection()
+            return False
+        if batch.prune:
+            # Separate from the write: a failed prune must not give back a written batch.
+            self._next_prune = now + PRUNE_EVERY
+            try:
+                storage.prune()
+            except Exception:
+                self._errors.exception("LeakGuard could not delete old rows")
+        if self._failing:
+            self._failing = False
+            self._dropped_logged = False
+            logger.info("LeakGuard wrote its pending memory measurements again.")
         return True
 
+    # Introspection, for tests and hooks --------------------------------------------------
 
-_recorder = Recorder()
+    def pending(self) -> Pending:
+        """Return a copy of the aggregates not written yet."""
+        with self._lock:
+            copy: Pending = {}
+            for hour, bucket in self._pending.items():
+                copy[hour] = {}
+                for name, aggregate in bucket.items():
+                    clone = Aggregate(aggregate.view)
+                    clone.merge(aggregate)
+                    copy[hour][name] = clone
+            return copy
+
+    @property
+    def worker(self) -> WorkerState:
+        """A copy of this process's worker state."""
+        with self._lock:
+            return _copy_worker(self._worker)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def last_sample(self) -> tuple[int, int]:
+        """The latest (rss, heap) sample; heap is 0 when unavailable."""
+        return self._last_rss, self._last_heap
+
+    def discard(self) -> None:
+        """Forget everything not flushed and start afresh (for tests)."""
+        self._reset()
+
+
+def _copy_worker(worker: WorkerState) -> WorkerState:
+    return WorkerState(**vars(worker))
+
+
+def _now() -> datetime:
+    from datetime import timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+_recorder: Recorder | None = None
+_recorder_lock = threading.Lock()
 
 
 def get_recorder() -> Recorder:
-    return _recorder
+    """Return this process's recorder (a forked child starts with an empty one)."""
+    recorder = _recorder
+    if recorder is None:
+        recorder = _create()
+    return recorder
+
+
+def _create() -> Recorder:
+    global _recorder
+    with _recorder_lock:
+        if _recorder is None:
+            _recorder = Recorder()
+            atexit.register(_flush_at_exit)
+        return _recorder
+
+
+def _flush_at_exit() -> None:
+    """Flush at interpreter exit so a recycled worker loses nothing."""
+    recorder = _recorder
+    if recorder is not None:
+        recorder.flush()
+
+
+def _after_fork_in_child() -> None:
+    global _recorder_lock
+    _recorder_lock = threading.Lock()
+    if _recorder is not None:
+        _recorder._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

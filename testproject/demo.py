@@ -1,17 +1,39 @@
-"""`make demo`: serve testproject under Gunicorn, send a load, show recycling and leakreport."""
+"""`make demo`: serve testproject under Gunicorn, send a load, show recycling and leakreport.
+
+The run takes about a minute: 2 Gunicorn workers configured by django_leakguard.gunicorn_conf
+with a small MAX_REQUESTS, a mixed load over ordinary, /leak/ and /spike/ views, then
+`manage.py leakreport` and `manage.py check`. It stops everything it starts, so it can run again.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+# Weighted paths of the load; {n} is replaced by the request number.
+LOAD = [
+    ("/", 20),
+    ("/products/{n}/", 25),
+    ("/search/?q=shoes{n}", 15),
+    ("/health/", 10),
+    ("/leak/retain/", 12),
+    ("/leak/cache/item-{n}/", 12),
+    ("/spike/", 6),
+]
 
 
 def free_port() -> int:
@@ -20,42 +42,150 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def manage(*args: str, env: dict[str, str]) -> int:
+    return subprocess.call([sys.executable, "manage.py", *args], cwd=HERE, env=env)
+
+
+def wait_until_served(base: str, server: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"Gunicorn exited early with status {server.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/health/", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"Gunicorn did not answer on {base} within {timeout:.0f} s")
+
+
+def progress(done: int, total: int, failed: int) -> None:
+    width = 40
+    filled = width * done // total
+    bar = "#" * filled + "-" * (width - filled)
+    sys.stdout.write(f"\r  [{bar}] {done}/{total} requests, {failed} failed")
+    sys.stdout.flush()
+
+
+def send_load(base: str, total: int, threads: int, seed: int) -> int:
+    rng = random.Random(seed)
+    paths, weights = zip(*LOAD, strict=True)
+    plan = [rng.choices(paths, weights)[0].replace("{n}", str(n)) for n in range(total)]
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0, "failed": 0}
+
+    def worker() -> None:
+        while True:
+            with lock:
+                index = state["next"]
+                if index >= total:
+                    return
+                state["next"] += 1
+            path = plan[index]
+            ok = False
+            for _ in range(3):  # a worker being replaced may refuse one connection
+                try:
+                    with urllib.request.urlopen(base + path, timeout=30) as response:
+                        response.read()
+                        ok = response.status == 200
+                        break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    time.sleep(0.05)
+            with lock:
+                state["done"] += 1
+                state["failed"] += not ok
+                if state["done"] % 25 == 0 or state["done"] == total:
+                    progress(state["done"], total, state["failed"])
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    sys.stdout.write("\n")
+    return state["failed"]
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--max-requests", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    options = parser.parse_args()
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "LEAKGUARD_MAX_REQUESTS": str(options.max_requests),
+        "LEAKGUARD_FLUSH_INTERVAL": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    print("1. Clearing earlier measurements")
+    if manage("leakreport", "--reset", "--no-input", env=env) != 0:
+        return 1
+
     port = free_port()
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "testproject.settings"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--workers",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "testproject.wsgi",
-        ],
-        cwd=HERE,
-        env=env,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="leakguard-demo-") as tmp:
+        log_path = Path(tmp) / "gunicorn.log"
+        print(
+            f"2. Serving testproject under Gunicorn at {base}: 2 workers, "
+            f"max_requests={options.max_requests} with jitter (django_leakguard.gunicorn_conf)"
+        )
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "python:django_leakguard.gunicorn_conf",
+                    "--workers",
+                    "2",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--log-level",
+                    "info",
+                    "testproject.wsgi",
+                ],
+                cwd=HERE,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             try:
-                with urllib.request.urlopen(base + "/", timeout=2) as response:
-                    print(f"testproject is served at {base}: {response.status}")
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            print("Gunicorn did not answer", file=sys.stderr)
-            return 1
-        for path in ["/products/1/", "/leak/retain/", "/spike/"]:
-            with urllib.request.urlopen(base + path, timeout=10) as response:
-                print(f"GET {path} -> {response.status}")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-    return 0
+                wait_until_served(base, server)
+                print(
+                    f"3. Sending {options.requests} requests to ordinary, /leak/ and /spike/ views"
+                )
+                started = time.monotonic()
+                failed = send_load(base, options.requests, options.threads, options.seed)
+                print(f"   done in {time.monotonic() - started:.1f} s, {failed} failed")
+            finally:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+        text = log_path.read_text(errors="replace")
+
+    booted = re.findall(r"Booting worker with pid: (\d+)", text)
+    limits = [line for line in text.splitlines() if "leakguard" in line.lower()][:1]
+    print(
+        f"4. Workers: {len(booted)} booted, {max(len(booted) - 2, 0)} replaced after max_requests"
+    )
+    if limits:
+        print(f"   {limits[0].strip()}")
+    for line in text.splitlines():
+        if "Autorestarting worker" in line or "Booting worker" in line:
+            print(f"   {line.strip()}")
+
+    print("5. python manage.py leakreport --since 1h")
+    status = manage("leakreport", "--since", "1h", env=env)
+    print("6. python manage.py check")
+    return manage("check", env=env) or status
 
 
 if __name__ == "__main__":

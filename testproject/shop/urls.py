@@ -13,6 +13,7 @@ urlpatterns = [
     path("health/", views.health, name="health"),
     path("leak/retain/", views.leak_retain, name="leak-retain"),
     path("leak/cache/<str:key>/", views.leak_cache, name="leak-cache"),
+    path("leak/small/", views.leak_small, name="leak-small"),
     path("spike/", views.spike, name="spike"),
     path("boom/", views.boom, name="boom"),
 ]

@@ -49,6 +49,17 @@ def leak_cache(request: HttpRequest, key: str) -> HttpResponse:
     return HttpResponse(f"cached {len(fragment)} bytes for this key")
 
 
+# /leak/small/ keeps many small objects: pymalloc serves them from its own arenas, which
+# the C heap signal does not see; sampled tracing does.
+SMALL_OBJECTS = 400
+_small: list[list[dict[str, int]]] = []
+
+
+def leak_small(request: HttpRequest) -> HttpResponse:
+    _small.append([{"id": i, "stock": i % 7} for i in range(SMALL_OBJECTS)])
+    return HttpResponse(f"kept {len(_small) * SMALL_OBJECTS} small dicts")
+
+
 def spike(request: HttpRequest) -> HttpResponse:
     data = os.urandom(SPIKE_BYTES)
     size = len(data)

@@ -46,8 +46,18 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LEAKGUARD = {
     "MAX_REQUESTS": int(os.environ.get("LEAKGUARD_MAX_REQUESTS", "1000")),
-    "MAX_REQUESTS_JITTER": 0.1,
+    "MAX_REQUESTS_JITTER": float(os.environ.get("LEAKGUARD_MAX_REQUESTS_JITTER", "0.1")),
     "FLUSH_INTERVAL": float(os.environ.get("LEAKGUARD_FLUSH_INTERVAL", "30")),
+    # Recycling limits for the integration tests; unset, the defaults apply.
+    **{
+        key: parse(os.environ[f"LEAKGUARD_{key}"])
+        for key, parse in (
+            ("WORKER_MAX_MEMORY", str),
+            ("CELERY_MAX_TASKS_PER_CHILD", int),
+            ("CELERY_MEMORY_FRACTION", float),
+        )
+        if os.environ.get(f"LEAKGUARD_{key}")
+    },
 }
 
 LOGGING = {

@@ -1,0 +1,178 @@
+"""Added time per request of LeakGuardMiddleware, against no middleware and a naive psutil one.
+
+Three WSGI handlers serve the same minimal view in one process; rounds are interleaved so that
+drift (CPU frequency, other load) hits all three alike, and the median of the rounds is reported.
+Flushing is excluded (FLUSH_INTERVAL is an hour): a flush is a few queries every 30 s, timed
+separately below.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+ROUNDS = 41
+REQUESTS_PER_ROUND = 1000
+
+
+def minimal_view(request: Any, pk: int) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse(b"ok")
+
+
+urlpatterns: list[Any] = []
+
+
+class PsutilMiddleware:
+    """What one writes without care: psutil's RSS before and after, kept in a dict."""
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        import psutil
+
+        self.get_response = get_response
+        self.process = psutil.Process()
+        self.growth: dict[str, int] = {}
+
+    def __call__(self, request: Any) -> Any:
+        before = self.process.memory_info().rss
+        response = self.get_response(request)
+        key = request.resolver_match.route if request.resolver_match else "<unmatched>"
+        self.growth[key] = self.growth.get(key, 0) + self.process.memory_info().rss - before
+        return response
+
+
+def setup() -> None:
+    import django
+    from django.conf import settings
+    from django.urls import path
+
+    urlpatterns.append(path("items/<int:pk>/", minimal_view))
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="bench",
+        ALLOWED_HOSTS=["testserver"],
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=["django_leakguard"],
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        MIDDLEWARE=[],
+        USE_TZ=True,
+        LEAKGUARD={"FLUSH_INTERVAL": 3600},
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+
+
+def handler(middleware: list[str]) -> Callable[[], Any]:
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.test import override_settings
+
+    with override_settings(MIDDLEWARE=middleware):
+        app = WSGIHandler()
+    del settings  # the handler keeps its middleware chain
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/items/7/",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "testserver",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.version": (1, 0),
+    }
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        return None
+
+    def serve() -> Any:
+        response = app(dict(environ), start_response)
+        response.close()
+        return response
+
+    return serve
+
+
+def time_round(serve: Callable[[], Any], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        serve()
+    return (time.perf_counter() - start) / n
+
+
+def time_flush(keys: int) -> float:
+    from django.core.management import call_command
+
+    from django_leakguard.recorder import get_recorder
+
+    call_command("migrate", verbosity=0)
+    recorder = get_recorder()
+    timings = []
+    for _ in range(5):
+        for i in range(keys):
+            recorder.end(recorder.begin(), "request", f"/bench/{i}/", "bench.view")
+        start = time.perf_counter()
+        assert recorder.flush()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    setup()
+    from django_leakguard import memory
+
+    variants = {
+        "no middleware": handler([]),
+        "LeakGuardMiddleware": handler(["django_leakguard.middleware.LeakGuardMiddleware"]),
+        "naive psutil middleware": handler([f"{__name__}.PsutilMiddleware"]),
+    }
+    for serve in variants.values():  # warm up
+        time_round(serve, 500)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffler = random.Random(0)
+    for _ in range(ROUNDS):
+        shuffler.shuffle(order)  # no variant always runs first or last
+        for name in order:
+            samples[name].append(time_round(variants[name], REQUESTS_PER_ROUND))
+    base = samples["no middleware"]
+    print(
+        f"{ROUNDS} interleaved rounds of {REQUESTS_PER_ROUND} requests; median per request, "
+        "and median of the per-round differences to no middleware; "
+        f"heap signal {'on' if memory.heap_available() else 'unavailable'}"
+    )
+    print(f"{'variant':<26} {'per request':>12} {'added':>12}")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        added = statistics.median(v - b for v, b in zip(values, base))
+        shown = "" if name == "no middleware" else f"{added * 1e6:+8.2f} µs"
+        print(f"{name:<26} {median * 1e6:9.2f} µs {shown:>12}")
+    probes = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20000):
+            memory.rss()
+            memory.heap()
+        probes.append((time.perf_counter() - start) / 20000)
+    print(f"{'one rss() + heap() pair':<26} {statistics.median(probes) * 1e6:9.2f} µs")
+    for keys in (10, 500):
+        print(f"flush of {keys:>3} keys (SQLite)    {time_flush(keys) * 1e3:9.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
