@@ -159,7 +159,7 @@ def main() -> None:
     print(f"{'variant':<26} {'per request':>12} {'added':>12}")
     for name, values in samples.items():
         median = statistics.median(values)
-        added = statistics.median(v - b for v, b in zip(values, base))
+        added = statistics.median(v - b for v, b in zip(values, base, strict=True))
         shown = "" if name == "no middleware" else f"{added * 1e6:+8.2f} µs"
         print(f"{name:<26} {median * 1e6:9.2f} µs {shown:>12}")
     probes = []

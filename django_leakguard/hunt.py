@@ -12,15 +12,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.contrib.auth import get_user_model
-from django.core.handlers.wsgi import WSGIRequest
 from django.core.signals import got_request_exception, request_finished, request_started
 from django.db import close_old_connections, connections, transaction
 from django.http import HttpResponseBase
 from django.test import Client
-from django.test.client import ClientHandler
 from django.urls import Resolver404, resolve
 
-from django_leakguard.tracing import SNAPSHOT_FILTERS, Site, site_statistics
+from django_leakguard.replay import ReplayHandler
+from django_leakguard.tracing import Site, site_statistics
 
 DEFAULT_REQUESTS = 200
 DEFAULT_WARMUP = 20
@@ -111,29 +110,12 @@ def _log_in(client: Client, username: str) -> None:
 
 def _snapshot() -> tracemalloc.Snapshot:
     gc.collect()  # garbage cycles are not leaks
-    return tracemalloc.take_snapshot().filter_traces(SNAPSHOT_FILTERS)
+    return tracemalloc.take_snapshot()
 
 
 def _sites(snapshot: tracemalloc.Snapshot) -> tuple[int, dict[tuple[str, int], Site]]:
     size, _, sites = site_statistics(snapshot)
     return size, {(site.filename, site.lineno): site for site in sites}
-
-
-class _ReplayHandler(ClientHandler):
-    """ClientHandler without its per-request signal juggling (see ReplayClient)."""
-
-    def __call__(self, environ: dict[str, Any]) -> Any:
-        if getattr(self, "_middleware_chain", None) is None:
-            self.load_middleware()
-        request_started.send(sender=self.__class__, environ=environ)
-        request = WSGIRequest(environ)
-        request._dont_enforce_csrf_checks = not self.enforce_csrf_checks  # type: ignore[attr-defined]
-        response = self.get_response(request)
-        if response.streaming:
-            for _ in response:  # what a server would send; the view may produce as it goes
-                pass
-        response.close()  # fires request_finished, as a WSGI server does
-        return response
 
 
 class ReplayClient(Client):
@@ -147,7 +129,7 @@ class ReplayClient(Client):
 
     def __init__(self) -> None:
         super().__init__()
-        self.handler = _ReplayHandler(enforce_csrf_checks=False)
+        self.handler = ReplayHandler(enforce_csrf_checks=False)
 
     def request(self, **request: Any) -> Any:
         environ = self._base_environ(**request)  # type: ignore[attr-defined]
@@ -278,11 +260,11 @@ def hunt(
 
 def format_size(size: float) -> str:
     """Return a size in bytes as "812 B", "64.0 KiB", "1.5 MiB"."""
-    for unit in ("B", "KiB", "MiB"):
-        if abs(size) < 1024 or unit == "MiB":
-            break
-        size /= 1024
-    return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+    if abs(size) < 1024:
+        return f"{size:,.0f} B"
+    if abs(size) < 1024**2:
+        return f"{size / 1024:,.1f} KiB"
+    return f"{size / 1024**2:,.1f} MiB"
 
 
 def render(result: HuntResult, callers: int = 3) -> str:

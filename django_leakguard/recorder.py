@@ -12,6 +12,7 @@ so nothing is counted twice.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import random
@@ -293,7 +294,7 @@ class Recorder:
     def _new_aggregate(
         self, bucket: dict[tuple[str, str], Aggregate], hour: int, kind: str, key: str, view: str
     ) -> Aggregate:
-        if key != OTHER and self._keys[hour] >= conf.get_settings().MAX_KEYS:
+        if key != OTHER and self._keys[hour] >= _max_keys():
             key, view = OTHER, ""
             aggregate = bucket.get((kind, key))
             if aggregate is not None:
@@ -381,13 +382,14 @@ class Recorder:
             if not self._failing:
                 self._failing = True
                 logger.warning(
-                    "LeakGuard could not write memory measurements to the database %r "
+                    "LeakGuard could not write memory measurements to the database %s "
                     "(%s: %s); keeping them in memory and retrying every flush.",
-                    conf.get_settings().DATABASE,
+                    _database_name(),
                     type(exc).__name__,
                     exc,
                 )
-            storage.discard_broken_connection()
+            with contextlib.suppress(Exception):
+                storage.discard_broken_connection()
             return False
         if batch.prune:
             # Separate from the write: a failed prune must not give back a written batch.
@@ -434,6 +436,20 @@ class Recorder:
     def discard(self) -> None:
         """Forget everything not flushed and start afresh (for tests)."""
         self._reset()
+
+
+def _database_name() -> str:
+    try:
+        return repr(conf.get_settings().DATABASE)
+    except Exception:
+        return "(LEAKGUARD is invalid)"
+
+
+def _max_keys() -> int:
+    try:
+        return conf.get_settings().MAX_KEYS
+    except Exception:  # invalid settings (the checks report them): keep recording, bounded
+        return int(conf.DEFAULTS["MAX_KEYS"])
 
 
 def _copy_worker(worker: WorkerState) -> WorkerState:

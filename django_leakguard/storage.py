@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -67,8 +66,7 @@ def discard_broken_connection() -> None:
     """After a failed write, close this thread's connection if it is no longer usable."""
     connection = connections[alias()]
     if not connection.in_atomic_block:
-        with contextlib.suppress(Exception):
-            connection.close_if_unusable_or_obsolete()
+        connection.close_if_unusable_or_obsolete()
 
 
 def to_datetime(value: datetime) -> datetime:
@@ -126,7 +124,7 @@ def _prepared(
 ) -> list[Any]:
     return [
         model._meta.get_field(name).get_db_prep_value(value, connection)
-        for name, value in zip(columns, row)
+        for name, value in zip(columns, row, strict=True)
     ]
 
 
@@ -136,9 +134,11 @@ def _upsert_growth(connection: BaseDatabaseWrapper, rows: list[tuple[Any, ...]])
     table = qn(Growth._meta.db_table)
     greatest = UPSERT_MAX[connection.vendor]
     columns = [qn(Growth._meta.get_field(name).column) for name in GROWTH_COLUMNS]
-    col = dict(zip(GROWTH_COLUMNS, columns))
+    col = dict(zip(GROWTH_COLUMNS, columns, strict=True))
     updates = [f"{col['view']} = excluded.{col['view']}"]
-    updates += [f"{col[name]} = {table}.{col[name]} + excluded.{col[name]}" for name in GROWTH_SUMS]
+    updates += [
+        f"{col[name]} = {table}.{col[name]} + excluded.{col[name]}" for name in GROWTH_SUMS
+    ]
     updates.append(
         f"{col['rss_growth_max']} = "
         f"{greatest}({table}.{col['rss_growth_max']}, excluded.{col['rss_growth_max']})"
@@ -171,7 +171,7 @@ def _upsert_growth(connection: BaseDatabaseWrapper, rows: list[tuple[Any, ...]])
 def _increment_growth_portably(using: str, rows: list[tuple[Any, ...]]) -> None:
     """UPDATE with F() increments, INSERT when missing: for backends without ON CONFLICT."""
     for row in rows:
-        values = dict(zip(GROWTH_COLUMNS, row))
+        values = dict(zip(GROWTH_COLUMNS, row, strict=True))
         if not _update_growth(using, values):
             try:
                 with transaction.atomic(using=using):
@@ -225,7 +225,7 @@ def _write_worker(connection: BaseDatabaseWrapper, using: str, worker: WorkerSta
                 _prepared(connection, Worker, WORKER_COLUMNS, row),
             )
         return
-    values = dict(zip(WORKER_COLUMNS, row))
+    values = dict(zip(WORKER_COLUMNS, row, strict=True))
     # Only this process writes its own worker row, so there is no race to guard against.
     updated = (
         Worker.objects.using(using)

@@ -48,13 +48,10 @@ _LIBRARY_DIRS = _library_dirs()
 
 # Where the measured code is entered: the request passes through these frames, so the walk
 # from an allocation outwards stops there (what lies further out is the server, or leakhunt).
-_BOUNDARY_FILES = frozenset(_OWN_DIR + name for name in ("middleware.py", "hunt.py"))
+_BOUNDARY_FILES = frozenset(_OWN_DIR + name for name in ("middleware.py", "replay.py"))
 
-# Taking and filtering snapshots allocates too (fnmatch caches, for one): not the call's.
-SNAPSHOT_FILTERS: tuple[tracemalloc.Filter, ...] = (
-    tracemalloc.Filter(False, tracemalloc.__file__, all_frames=True),
-    tracemalloc.Filter(False, "<unknown>"),
-)
+# Taking snapshots and grouping their traces allocates too: not the call's.
+_TRACEMALLOC_FILE = tracemalloc.__file__
 
 
 def is_user_file(filename: str) -> bool:
@@ -92,6 +89,8 @@ def site_frame(traceback: Sequence[tracemalloc.Frame]) -> tracemalloc.Frame | No
         return None
     for frame in reversed(traceback):
         filename = frame.filename
+        if filename == _TRACEMALLOC_FILE:
+            return None
         if filename.startswith(_OWN_DIR):
             if filename in _BOUNDARY_FILES:
                 break
@@ -223,7 +222,8 @@ class TraceResult:
     sites: tuple[Site, ...]  # the top sites, largest first
 
 
-_lock = threading.Lock()
+# Reentrant: the garbage collection in stop() may run finalizers that start a trace.
+_lock = threading.RLock()
 _active: Trace | None = None
 
 
@@ -235,7 +235,7 @@ class Trace:
         snapshot = self._end(take_snapshot=True)
         if snapshot is None:
             return None
-        retained, blocks, sites = site_statistics(snapshot.filter_traces(SNAPSHOT_FILTERS), top_n)
+        retained, blocks, sites = site_statistics(snapshot, top_n)
         return TraceResult(retained, blocks, sites)
 
     def discard(self) -> None:
@@ -291,7 +291,7 @@ def _stop_after_fork() -> None:
             tracemalloc.stop()
 
 
-if hasattr(os, "register_at_fork"):
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_stop_after_fork)
 
 

@@ -17,6 +17,7 @@ latest line's figures, groups are capped and the path cache is cleared when full
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gzip
 import io
 import re
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 OTHER = "<other>"
@@ -106,7 +107,7 @@ def urlconf_ignores_digits(urlconf: str | None = None) -> bool:
             pattern = entry.pattern
             if not isinstance(pattern, RoutePattern):
                 return False
-            if any(c.isdigit() for c in str(pattern._route)):
+            if any(c.isdigit() for c in str(pattern)):
                 return False
             if any(type(c) not in builtin for c in pattern.converters.values()):
                 return False
@@ -153,14 +154,6 @@ class Group:
 
 
 @dataclass
-class WorkerInterval:
-    """One worker incarnation: its first and latest line."""
-
-    first_seen: float
-    last_seen: float
-
-
-@dataclass
 class LogSummary:
     """What a parse found: groups by key, worker figures and line counts."""
 
@@ -190,14 +183,16 @@ def parse_log_date(value: bytes) -> float | None:
         return None
 
 
-def most_at_once(intervals: Iterable[WorkerInterval]) -> int:
-    """Return the largest number of intervals that overlap at one instant."""
-    events: list[tuple[float, int]] = []
-    for interval in intervals:
-        events.append((interval.first_seen, 1))
-        events.append((interval.last_seen, -1))
-    # Starts sort after ends at the same instant only when they differ; a worker seen once
-    # (start == end) must still count, so starts come first.
+T = TypeVar("T", float, "dt.datetime")
+
+
+def most_at_once(intervals: Iterable[tuple[T, T]]) -> int:
+    """Return the largest number of (start, end) intervals that overlap at one instant."""
+    events: list[tuple[T, int]] = []
+    for start, end in intervals:
+        events.append((start, 1))
+        events.append((max(start, end), -1))
+    # At one instant, starts count before ends: a worker seen once (start == end) counts.
     events.sort(key=lambda event: (event[0], -event[1]))
     current = best = 0
     for _, step in events:
@@ -235,7 +230,7 @@ class LogParser:
         self._by_shape: dict[bytes, list[int]] = {}
         # pid -> [rss, req, app, first rss, calls, first date, last date]
         self._live: dict[bytes, list[Any]] = {}
-        self._intervals: list[WorkerInterval] = []
+        self._intervals: list[tuple[float, float]] = []
         self._dates: dict[bytes, float | None] = {}
         self._rest = b""
         self.lines = 0
@@ -405,7 +400,7 @@ class LogParser:
             if len(self._intervals) >= MAX_INTERVALS:
                 # Keep the latest ones: recycling can leave many short-lived workers.
                 del self._intervals[: MAX_INTERVALS // 2]
-            self._intervals.append(WorkerInterval(first, last))
+            self._intervals.append((first, last))
             if self.first_date is None or first < self.first_date:
                 self.first_date = first
             if self.last_date is None or last > self.last_date:

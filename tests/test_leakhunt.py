@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth.models import Group, User
 from django.core.management import CommandError, call_command
 from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.test import override_settings
 from django.urls import include, path
@@ -76,6 +77,7 @@ urlpatterns = [
 
 @pytest.fixture(autouse=True)
 def _forget_leaks() -> Iterator[None]:
+    views._render_fragment.cache_clear()
     yield
     views._retained.clear()
     views._small.clear()
@@ -190,6 +192,18 @@ def test_request_signals_are_restored() -> None:
         started,
         finished,
     )
+
+
+def test_close_old_connections_stays_disconnected_when_it_was() -> None:
+    assert request_started.disconnect(close_old_connections)
+    assert request_finished.disconnect(close_old_connections)
+    try:
+        hunt.hunt("/products/1/", requests=2, warmup=1)
+        assert not request_started.disconnect(close_old_connections)
+        assert not request_finished.disconnect(close_old_connections)
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
 
 
 def test_a_users_own_tracemalloc_is_left_running() -> None:

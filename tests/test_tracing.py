@@ -322,9 +322,14 @@ LIBRARY = tracing._LIBRARY_DIRS[0]
             id="boundary",
         ),
         pytest.param(
-            [("/app/views.py", 5), (OWN + "hunt.py", 2)], ("/app/views.py", 5), id="user-first"
+            [("/app/views.py", 5), (OWN + "replay.py", 2)], ("/app/views.py", 5), id="user-first"
         ),
         pytest.param([("<frozen x>", 1), ("<string>", 1)], ("<frozen x>", 1), id="frozen"),
+        pytest.param(
+            [(LIBRARY + "fnmatch.py", 1), (tracemalloc.__file__, 2), (OWN + "replay.py", 3)],
+            None,
+            id="snapshot",
+        ),
     ],
 )
 def test_site_frame(frames: list[tuple[str, int]], expected: tuple[str, int] | None) -> None:

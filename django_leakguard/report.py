@@ -1,0 +1,625 @@
+"""leakreport's logic: read growth rows (or a parsed uWSGI log), rank them, recommend limits."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from django_leakguard.uwsgi_log import LogSummary
+
+SORTS = ("heap", "rss", "per-call")
+KINDS = ("request", "task", "all")
+FORMATS = ("table", "json", "csv")
+# Below these, rankings and recommendations are noise: the report says so in words.
+MIN_CALLS = 100
+MIN_WORKER_CALLS = 100
+JSON_VERSION = 1
+
+_SINCE_RE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+_SINCE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str, now: dt.datetime) -> dt.datetime:
+    """Return the start of a window given as 30m, 24h, 7d, 2w or an ISO date or datetime."""
+    match = _SINCE_RE.match(value)
+    if match:
+        amount, unit = match.groups()
+        return now - dt.timedelta(**{_SINCE_UNITS[unit]: int(amount)})
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since should be a duration such as 30m, 24h or 7d, or an ISO date such as "
+            f"2025-01-31, got {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=now.tzinfo)
+    if parsed > now:
+        raise ValueError(f"--since {value!r} is in the future")
+    return parsed
+
+
+def floor_hour(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def format_bytes(value: float | None, signed: bool = False) -> str:
+    """Return a size in binary units: 512 B, 1.5 KiB, 12.0 MiB."""
+    if value is None:
+        return "n/a"
+    sign = "-" if value < 0 else ("+" if signed and value > 0 else "")
+    size = abs(value)
+    if size < 1024:
+        return f"{sign}{size:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{sign}{size:.1f} {unit}"
+
+
+@dataclass
+class Row:
+    """The growth of one kind and key over the window (summed hourly rows)."""
+
+    kind: str
+    key: str
+    calls: int
+    rss_growth: int = 0
+    rss_growth_positive: int = 0
+    rss_grew_calls: int = 0
+    rss_growth_max: int = 0
+    heap_calls: int = 0
+    heap_growth: int = 0
+    heap_growth_max: int = 0
+    view: str = ""
+
+    @property
+    def heap_available(self) -> bool:
+        return self.heap_calls > 0
+
+    @property
+    def heap_per_call(self) -> float | None:
+        return self.heap_growth / self.heap_calls if self.heap_calls else None
+
+    @property
+    def rss_per_call(self) -> float:
+        return self.rss_growth / self.calls if self.calls else 0.0
+
+    @property
+    def grew_fraction(self) -> float:
+        return self.rss_grew_calls / self.calls if self.calls else 0.0
+
+
+@dataclass
+class Workers:
+    """Worker figures over the window."""
+
+    seen: int = 0
+    calls: int = 0
+    rss_growth: int = 0
+    rss_first_total: int = 0
+    at_once: int = 0
+
+    @property
+    def growth_per_call(self) -> float | None:
+        return self.rss_growth / self.calls if self.calls else None
+
+    @property
+    def mean_first_rss(self) -> float | None:
+        return self.rss_first_total / self.seen if self.seen else None
+
+
+@dataclass
+class Recommendation:
+    """How far a worker grows before recycling, and the largest safe max_requests."""
+
+    max_requests: int
+    share: int | None
+    share_source: str
+    growth_before_recycle: float | None
+    peak: float | None
+    suggested_max_requests: int | None
+    lines: list[str]
+
+
+@dataclass
+class Report:
+    source: str
+    since: dt.datetime | None
+    until: dt.datetime | None
+    sort: str
+    ranked_by: str
+    heap_available: bool
+    rows: list[Row]
+    total_keys: int
+    total_calls: int
+    total_heap_growth: int
+    total_rss_growth: int
+    shares: list[float]
+    workers: Workers
+    recommendation: Recommendation | None
+    thin: bool
+    notes: list[str] = field(default_factory=list)
+    log: dict[str, Any] | None = None
+
+
+# Reading -------------------------------------------------------------------------------------
+
+
+def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "default") -> list[Row]:
+    """Sum the hourly growth rows from the hour that contains since."""
+    from django.db.models import Max, Sum
+
+    from django_leakguard.models import Growth
+
+    queryset = Growth.objects.using(using).filter(hour__gte=floor_hour(since))
+    if kind != "all":
+        queryset = queryset.filter(kind=kind)
+    sums = queryset.values("kind", "key").annotate(
+        s_calls=Sum("calls"),
+        s_rss_growth=Sum("rss_growth"),
+        s_rss_growth_positive=Sum("rss_growth_positive"),
+        s_rss_grew_calls=Sum("rss_grew_calls"),
+        m_rss_growth_max=Max("rss_growth_max"),
+        s_heap_calls=Sum("heap_calls"),
+        s_heap_growth=Sum("heap_growth"),
+        m_heap_growth_max=Max("heap_growth_max"),
+        m_view=Max("view"),
+    )
+    return [
+        Row(
+            kind=entry["kind"],
+            key=entry["key"],
+            calls=entry["s_calls"] or 0,
+            rss_growth=entry["s_rss_growth"] or 0,
+            rss_growth_positive=entry["s_rss_growth_positive"] or 0,
+            rss_grew_calls=entry["s_rss_grew_calls"] or 0,
+            rss_growth_max=entry["m_rss_growth_max"] or 0,
+            heap_calls=entry["s_heap_calls"] or 0,
+            heap_growth=entry["s_heap_growth"] or 0,
+            heap_growth_max=entry["m_heap_growth_max"] or 0,
+            view=entry["m_view"] or "",
+        )
+        for entry in sums
+    ]
+
+
+def workers_from_database(
+    since: dt.datetime, kind: str = "all", using: str = "default"
+) -> Workers:
+    """Sum the worker rows seen since; count the most workers alive at once on one host."""
+    from django_leakguard.models import Worker
+    from django_leakguard.uwsgi_log import most_at_once
+
+    queryset = Worker.objects.using(using).filter(last_seen__gte=since)
+    if kind != "all":
+        queryset = queryset.filter(kind=kind)
+    workers = Workers()
+    intervals: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
+    for host, started_at, last_seen, rss_first, rss_last, calls in queryset.values_list(
+        "host", "started_at", "last_seen", "rss_first", "rss_last", "calls"
+    ).iterator():
+        workers.seen += 1
+        workers.calls += calls
+        workers.rss_growth += rss_last - rss_first
+        workers.rss_first_total += rss_first
+        intervals.setdefault(host, []).append((started_at, last_seen))
+    workers.at_once = max((most_at_once(spans) for spans in intervals.values()), default=0)
+    return workers
+
+
+def rows_from_log(summary: LogSummary) -> tuple[list[Row], Workers, dict[str, Any]]:
+    """Return a parsed uWSGI log as rows (RSS only), worker figures and the log's counts."""
+    rows = [
+        Row(
+            kind="request",
+            key=key,
+            calls=group.calls,
+            rss_growth=group.rss_growth,
+            rss_growth_positive=group.rss_growth_positive,
+            rss_grew_calls=group.rss_grew_calls,
+            rss_growth_max=group.rss_growth_max,
+        )
+        for key, group in summary.groups.items()
+    ]
+    workers = Workers(
+        seen=summary.workers,
+        calls=summary.worker_calls,
+        rss_growth=summary.worker_rss_growth,
+        rss_first_total=summary.worker_rss_first_total,
+        at_once=summary.workers_at_once,
+    )
+    log = {
+        "files": summary.files,
+        "lines": summary.lines,
+        "request_lines": summary.request_lines,
+        "skipped_lines": summary.skipped_lines,
+        "respawns": summary.respawns,
+        "group_by": summary.group_by,
+        "group_by_reason": summary.group_by_reason,
+        "groups_folded_into_other": summary.folded_groups,
+        "first_request_at": _epoch_iso(summary.first_date),
+        "last_request_at": _epoch_iso(summary.last_date),
+    }
+    return rows, workers, log
+
+
+def _epoch_iso(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return dt.datetime.fromtimestamp(value).astimezone().isoformat()
+
+
+# Ranking -------------------------------------------------------------------------------------
+
+
+def recommend(
+    workers: Workers, max_requests: int, worker_max_memory: int | None, available: int
+) -> Recommendation | None:
+    """Return the recycling recommendation, or None when the worker data is too thin."""
+    growth = workers.growth_per_call
+    start = workers.mean_first_rss
+    if growth is None or start is None or workers.calls < MIN_WORKER_CALLS:
+        return None
+    if worker_max_memory is not None:
+        share: int | None = worker_max_memory
+        share_source = f"WORKER_MAX_MEMORY {format_bytes(worker_max_memory)}"
+    else:
+        per = max(workers.at_once, 1)
+        share = available // per
+        share_source = (
+            f"{format_bytes(available)} available / {per} worker{'s' if per != 1 else ''} at once"
+        )
+    lines = []
+    before = peak = None
+    if max_requests:
+        before = growth * max_requests
+        peak = start + before
+        lines.append(
+            f"With MAX_REQUESTS = {max_requests:,}, a worker grows about "
+            f"{format_bytes(before)} before it is recycled "
+            f"(from {format_bytes(start)} at its first request to about {format_bytes(peak)})."
+        )
+    else:
+        lines.append("MAX_REQUESTS is 0: workers are never recycled by request count.")
+    suggested = None
+    if growth <= 0:
+        lines.append(
+            f"Workers do not grow on average ({format_bytes(growth, signed=True)} per request): "
+            "no request limit is needed for memory."
+        )
+    elif share is not None and share <= start:
+        lines.append(
+            f"Workers start at {format_bytes(start)}, already above their share of "
+            f"{format_bytes(share)} ({share_source}): reduce the number of workers or give "
+            "them more memory."
+        )
+    elif share is not None:
+        suggested = int((share - start) // growth)
+        verdict = (
+            "MAX_REQUESTS is within it."
+            if max_requests and max_requests <= suggested
+            else "lower MAX_REQUESTS to at most that."
+            if max_requests
+            else "set MAX_REQUESTS to at most that."
+        )
+        lines.append(
+            f"Largest max_requests that keeps a worker under its share of "
+            f"{format_bytes(share)} ({share_source}): {suggested:,}; {verdict}"
+        )
+    return Recommendation(
+        max_requests=max_requests,
+        share=share,
+        share_source=share_source,
+        growth_before_recycle=before,
+        peak=peak,
+        suggested_max_requests=suggested,
+        lines=lines,
+    )
+
+
+def build_report(
+    rows: Sequence[Row],
+    workers: Workers,
+    *,
+    source: str,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    sort: str = "heap",
+    limit: int = 10,
+    min_count: int = 0,
+    max_requests: int = 0,
+    worker_max_memory: int | None = None,
+    available: int = 0,
+    log: dict[str, Any] | None = None,
+) -> Report:
+    """Rank rows best first (the fastest growing), keep the top `limit`, add the summary."""
+    if sort not in SORTS:
+        raise ValueError(f"sort should be one of {', '.join(SORTS)}, got {sort!r}")
+    notes: list[str] = []
+    heap_available = any(row.heap_available for row in rows)
+    ranked_by = sort
+    if not heap_available and sort in ("heap", "per-call"):
+        ranked_by = "rss" if sort == "heap" else "rss-per-call"
+        if rows:
+            notes.append(
+                "The heap signal was unavailable (no heap readings: glibc's mallinfo2 is "
+                "missing, or the source is a uWSGI log), so rows are ranked by RSS growth."
+            )
+    elif sort == "per-call":
+        ranked_by = "heap-per-call"
+    kept = [row for row in rows if row.calls >= min_count]
+    total_calls = sum(row.calls for row in kept)
+    total_heap = sum(row.heap_growth for row in kept)
+    total_rss = sum(row.rss_growth for row in kept)
+
+    def signal(row: Row) -> float:
+        if ranked_by == "heap":
+            return row.heap_growth
+        if ranked_by == "heap-per-call":
+            return row.heap_per_call or 0.0
+        if ranked_by == "rss-per-call":
+            return row.rss_per_call
+        return row.rss_growth
+
+    def total_signal(row: Row) -> int:
+        return row.heap_growth if ranked_by.startswith("heap") else row.rss_growth
+
+    ranked = sorted(kept, key=lambda row: (-signal(row), row.kind, row.key))
+    positive_total = sum(max(total_signal(row), 0) for row in kept)
+    top = ranked[:limit] if limit else ranked
+    shares = [max(total_signal(row), 0) / positive_total if positive_total else 0.0 for row in top]
+    thin = total_calls < MIN_CALLS
+    recommendation = recommend(workers, max_requests, worker_max_memory, available)
+    return Report(
+        source=source,
+        since=since,
+        until=until,
+        sort=sort,
+        ranked_by=ranked_by,
+        heap_available=heap_available,
+        rows=top,
+        total_keys=len(kept),
+        total_calls=total_calls,
+        total_heap_growth=total_heap,
+        total_rss_growth=total_rss,
+        shares=shares,
+        workers=workers,
+        recommendation=recommendation,
+        thin=thin,
+        notes=notes,
+        log=log,
+    )
+
+
+# Rendering -----------------------------------------------------------------------------------
+
+COLUMNS = (
+    "rank",
+    "kind",
+    "key",
+    "view",
+    "calls",
+    "heap_growth_bytes",
+    "heap_growth_per_call_bytes",
+    "heap_growth_max_bytes",
+    "rss_growth_bytes",
+    "rss_growth_per_call_bytes",
+    "rss_growth_positive_bytes",
+    "rss_growth_max_bytes",
+    "rss_grew_fraction",
+    "share",
+)
+
+
+def row_dict(rank: int, row: Row, share: float) -> dict[str, Any]:
+    """Return one row as JSON and CSV write it: plain bytes, heap fields None when unknown."""
+    per_call = row.heap_per_call
+    return {
+        "rank": rank,
+        "kind": row.kind,
+        "key": row.key,
+        "view": row.view,
+        "calls": row.calls,
+        "heap_growth_bytes": row.heap_growth if row.heap_available else None,
+        "heap_growth_per_call_bytes": round(per_call) if per_call is not None else None,
+        "heap_growth_max_bytes": row.heap_growth_max if row.heap_available else None,
+        "rss_growth_bytes": row.rss_growth,
+        "rss_growth_per_call_bytes": round(row.rss_per_call),
+        "rss_growth_positive_bytes": row.rss_growth_positive,
+        "rss_growth_max_bytes": row.rss_growth_max,
+        "rss_grew_fraction": round(row.grew_fraction, 4),
+        "share": round(share, 4),
+    }
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def as_json(report: Report) -> dict[str, Any]:
+    """Return the report as the documented JSON object."""
+    workers = report.workers
+    rec = report.recommendation
+    return {
+        "version": JSON_VERSION,
+        "source": report.source,
+        "since": _iso(report.since),
+        "until": _iso(report.until),
+        "sort": report.sort,
+        "ranked_by": report.ranked_by,
+        "heap_available": report.heap_available,
+        "thin": report.thin,
+        "notes": report.notes,
+        "totals": {
+            "keys": report.total_keys,
+            "calls": report.total_calls,
+            "heap_growth_bytes": report.total_heap_growth if report.heap_available else None,
+            "rss_growth_bytes": report.total_rss_growth,
+        },
+        "rows": [
+            row_dict(rank, row, share)
+            for rank, (row, share) in enumerate(zip(report.rows, report.shares, strict=True), 1)
+        ],
+        "workers": {
+            "seen": workers.seen,
+            "at_once": workers.at_once,
+            "calls": workers.calls,
+            "rss_growth_bytes": workers.rss_growth,
+            "rss_growth_per_call_bytes": (
+                round(workers.growth_per_call) if workers.growth_per_call is not None else None
+            ),
+            "rss_first_mean_bytes": (
+                round(workers.mean_first_rss) if workers.mean_first_rss is not None else None
+            ),
+        },
+        "recommendation": None
+        if rec is None
+        else {
+            "max_requests": rec.max_requests,
+            "memory_per_worker_bytes": rec.share,
+            "memory_per_worker_source": rec.share_source,
+            "growth_before_recycle_bytes": (
+                round(rec.growth_before_recycle) if rec.growth_before_recycle is not None else None
+            ),
+            "peak_rss_bytes": round(rec.peak) if rec.peak is not None else None,
+            "suggested_max_requests": rec.suggested_max_requests,
+        },
+        "log": report.log,
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(as_json(report), indent=2) + "\n"
+
+
+def render_csv(report: Report) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for rank, (row, share) in enumerate(zip(report.rows, report.shares, strict=True), 1):
+        writer.writerow(row_dict(rank, row, share))
+    return buffer.getvalue()
+
+
+_RANKED_BY = {
+    "heap": "net heap growth (the memory each key kept)",
+    "rss": "net RSS growth (what the OS charged)",
+    "heap-per-call": "heap kept per call",
+    "rss-per-call": "RSS growth per call",
+}
+
+
+def _header(report: Report) -> str:
+    if report.source == "database":
+        assert report.since is not None
+        window = f"since {report.since:%Y-%m-%d %H:%M %Z}".rstrip()
+        return f"Memory growth by URL pattern and task, {window}."
+    files = ", ".join((report.log or {}).get("files", [])) or "-"
+    return f"Memory growth by URL from uWSGI memory-report logs ({files})."
+
+
+def _table(report: Report) -> list[str]:
+    headers = ("#", "kind", "key", "calls", "heap/call", "heap kept", "RSS/call", "share", "grew")
+    body = [
+        (
+            str(rank),
+            row.kind,
+            row.key if len(row.key) <= 60 else row.key[:59] + "…",
+            f"{row.calls:,}",
+            format_bytes(row.heap_per_call),
+            format_bytes(row.heap_growth) if row.heap_available else "n/a",
+            format_bytes(row.rss_per_call),
+            f"{share:.1%}",
+            f"{row.grew_fraction:.0%}",
+        )
+        for rank, (row, share) in enumerate(zip(report.rows, report.shares, strict=True), 1)
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *body, strict=False)]
+    left = {1, 2}
+    lines = []
+    for cells in (headers, *body):
+        lines.append(
+            "  ".join(
+                cell.ljust(width) if index in left else cell.rjust(width)
+                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+    return lines
+
+
+def _worker_lines(report: Report) -> list[str]:
+    workers = report.workers
+    if not workers.seen:
+        return ["Workers: none recorded in this window."]
+    growth = workers.growth_per_call
+    lines = [
+        f"Workers: {workers.seen:,} seen (at most {workers.at_once:,} at once on one host), "
+        f"{workers.calls:,} requests and tasks served, mean RSS growth "
+        f"{format_bytes(growth, signed=True)} per request."
+    ]
+    if workers.seen == 1:
+        lines.append(
+            "Only one worker was seen: its growth may be warm-up (imports, caches filling) "
+            "rather than a leak; let more workers run before trusting the recommendation."
+        )
+    if report.recommendation is None:
+        lines.append(
+            f"Too few requests ({workers.calls:,}; at least {MIN_WORKER_CALLS:,} needed) to "
+            "recommend a recycling limit."
+        )
+    else:
+        lines.extend(report.recommendation.lines)
+    return lines
+
+
+def render_table(report: Report) -> str:
+    lines = [_header(report)]
+    if report.log is not None:
+        log = report.log
+        lines.append(
+            "uWSGI logs carry RSS only: no heap signal, so this names the requests that "
+            "grew the process, which are not always the ones that keep memory."
+        )
+        lines.append(
+            f"Parsed {log['request_lines']:,} request lines in {log['lines']:,} lines; "
+            f"skipped {log['skipped_lines']:,} lines that are not memory-report request lines"
+            f"; {log['respawns']:,} respawned workers reused a pid. Grouped by "
+            f"{log['group_by']} ({log['group_by_reason']})."
+        )
+    lines.extend(report.notes)
+    lines.append("")
+    if not report.rows and report.total_calls == 0:
+        lines.append("No data to rank.")
+    elif report.thin:
+        lines.append(
+            f"Only {report.total_calls:,} calls in {report.total_keys:,} keys: too few to rank "
+            f"(at least {MIN_CALLS:,} needed). Let the app serve more traffic, or widen "
+            "--since."
+        )
+    else:
+        lines.append(
+            f"Ranked by {_RANKED_BY[report.ranked_by]}; top {len(report.rows)} of "
+            f"{report.total_keys:,} keys, {report.total_calls:,} calls."
+        )
+        lines.append("")
+        lines.extend(_table(report))
+    lines.append("")
+    lines.extend(_worker_lines(report))
+    return "\n".join(lines) + "\n"
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return render_json(report)
+    if fmt == "csv":
+        return render_csv(report)
+    return render_table(report)
