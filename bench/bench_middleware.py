@@ -51,6 +51,25 @@ class PsutilMiddleware:
         return response
 
 
+class ProbesOnlyMiddleware:
+    """The four probe reads and nothing else: the floor for any per-request measurement."""
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from django_leakguard import memory
+
+        self.get_response = get_response
+        self.rss = memory.rss
+        self.heap = memory.heap
+
+    def __call__(self, request: Any) -> Any:
+        self.rss()
+        self.heap()
+        response = self.get_response(request)
+        self.rss()
+        self.heap()
+        return response
+
+
 def setup() -> None:
     import django
     from django.conf import settings
@@ -140,6 +159,7 @@ def main() -> None:
         "no middleware": handler([]),
         "LeakGuardMiddleware": handler(["django_leakguard.middleware.LeakGuardMiddleware"]),
         "naive psutil middleware": handler([f"{__name__}.PsutilMiddleware"]),
+        "probe reads only": handler([f"{__name__}.ProbesOnlyMiddleware"]),
     }
     for serve in variants.values():  # warm up
         time_round(serve, 500)

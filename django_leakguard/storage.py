@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F, Value
+from django.db.models import F, Field, Model, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone as dj_timezone
 
@@ -128,12 +128,18 @@ def _prepared(
     ]
 
 
+def _column(model: type[Model], name: str) -> str:
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field)
+    return str(field.column)
+
+
 def _upsert_growth(connection: BaseDatabaseWrapper, rows: list[tuple[Any, ...]]) -> None:
     """INSERT ... ON CONFLICT DO UPDATE: atomic increments, a statement per chunk of rows."""
     qn = connection.ops.quote_name
     table = qn(Growth._meta.db_table)
     greatest = UPSERT_MAX[connection.vendor]
-    columns = [qn(Growth._meta.get_field(name).column) for name in GROWTH_COLUMNS]
+    columns = [qn(_column(Growth, name)) for name in GROWTH_COLUMNS]
     col = dict(zip(GROWTH_COLUMNS, columns, strict=True))
     updates = [f"{col['view']} = excluded.{col['view']}"]
     updates += [
@@ -195,10 +201,11 @@ def _update_growth(using: str, values: dict[str, Any]) -> bool:
 
 
 def _write_worker(connection: BaseDatabaseWrapper, using: str, worker: WorkerState) -> None:
+    started_at = to_datetime(worker.started_at)
     row = (
         worker.host,
         worker.pid,
-        to_datetime(worker.started_at),
+        started_at,
         worker.kind,
         worker.rss_first,
         worker.rss_last,
@@ -210,7 +217,7 @@ def _write_worker(connection: BaseDatabaseWrapper, using: str, worker: WorkerSta
     if connection.vendor in UPSERT_MAX:
         qn = connection.ops.quote_name
         table = qn(Worker._meta.db_table)
-        col = {name: qn(Worker._meta.get_field(name).column) for name in WORKER_COLUMNS}
+        col = {name: qn(_column(Worker, name)) for name in WORKER_COLUMNS}
         updates = ", ".join(
             [f"{col[name]} = excluded.{col[name]}" for name in ("rss_last", "heap_last")]
             + [f"{col['calls']} = {table}.{col['calls']} + excluded.{col['calls']}"]
@@ -229,7 +236,7 @@ def _write_worker(connection: BaseDatabaseWrapper, using: str, worker: WorkerSta
     # Only this process writes its own worker row, so there is no race to guard against.
     updated = (
         Worker.objects.using(using)
-        .filter(host=worker.host, pid=worker.pid, started_at=values["started_at"])
+        .filter(host=worker.host, pid=worker.pid, started_at=started_at)
         .update(
             rss_last=worker.rss_last,
             heap_last=worker.heap_last,
