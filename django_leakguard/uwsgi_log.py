@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 OTHER = "<other>"
 UNMATCHED = "<unmatched>"
@@ -256,7 +256,7 @@ class LogParser:
     def _group(self, uri: bytes) -> list[int]:
         """Return the group of a URI not in the URI cache (and cache it)."""
         path = _raw_path(uri)
-        shape = path_shape(path)
+        shape = path_shape(unquote_to_bytes(path))
         group = self._by_shape.get(shape) if self._zero_digits else None
         if group is None:
             key = self._key(path, shape)
@@ -274,7 +274,9 @@ class LogParser:
                 self._by_shape[shape] = group
         if len(self._by_uri) >= PATH_CACHE_SIZE:
             self._by_uri.clear()
-        self._by_uri[uri.translate(_ZERO_DIGITS) if self._zero_digits else uri] = group
+        if self._zero_digits and b"%" not in uri:
+            uri = uri.translate(_ZERO_DIGITS)
+        self._by_uri[uri] = group
         return group
 
     def _decide_grouping(self, uris: list[bytes]) -> None:
@@ -360,7 +362,10 @@ class LogParser:
                     state[2] = app
                     state[4] += 1
                     state[6] = date
-                    group = by_uri.get(uri.translate(zero) if zero else uri) or group_of(uri)
+                    # Zeroing digits inside %-escapes would change the characters they encode.
+                    group = by_uri.get(
+                        uri.translate(zero) if zero and b"%" not in uri else uri
+                    ) or group_of(uri)
                     group[0] += 1
                     group[1] += delta
                     if delta > 0:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -39,3 +40,13 @@ def postgres_url() -> str:
 def redis_url() -> str:
     """The Redis URL for service-backed tests."""
     return _service_url("LEAKGUARD_TEST_REDIS_URL", "Redis")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorder() -> Iterator[None]:
+    """Start every test with an empty recorder and leave nothing pending for the exit flush."""
+    from django_leakguard.recorder import get_recorder
+
+    get_recorder().discard()
+    yield
+    get_recorder().discard()

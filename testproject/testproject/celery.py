@@ -33,6 +33,9 @@ else:
     }
     for folder in ("queue", "processed"):
         (BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
+# Tests set it to show that the worker's -c option wins.
+if os.environ.get("CELERY_WORKER_CONCURRENCY"):
+    app.conf.worker_concurrency = int(os.environ["CELERY_WORKER_CONCURRENCY"])
 app.conf.task_ignore_result = True
 app.conf.broker_connection_retry_on_startup = True
 app.autodiscover_tasks()

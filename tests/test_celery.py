@@ -1,0 +1,285 @@
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from celery import Celery
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from django_leakguard import celery as leakguard_celery
+from django_leakguard import memory
+from django_leakguard.celery import apply_limits, configure, is_configured, pool_size
+from django_leakguard.recycling import celery_memory_per_child_kib
+from tests import servers
+
+# Unit tests of apply_limits use a stand-in for Celery's WorkController (an attribute bag with
+# the attributes Celery's Pool step reads); the real-worker tests below start real workers.
+
+
+class FakeWorker:
+    def __init__(self, app: Celery, concurrency: int = 2, **attrs: Any) -> None:
+        self.app = app
+        self.concurrency = concurrency
+        self.max_concurrency: int | None = None
+        self.max_tasks_per_child: int | None = None
+        self.max_memory_per_child: int | None = None
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+
+@pytest.fixture
+def app() -> Celery:
+    return Celery("tests", set_as_current=False)
+
+
+def test_configure_marks_the_app_and_is_idempotent(app: Celery) -> None:
+    assert not is_configured(app)
+    configure(app)
+    configure(app)
+    assert is_configured(app)
+    assert leakguard_celery.LeakGuardStep in app.steps["worker"]
+    assert not is_configured(Celery("other", set_as_current=False))
+
+
+def test_apply_limits_fills_in_both_limits(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    worker = FakeWorker(app, concurrency=3)
+    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+        apply_limits(worker)
+    expected = celery_memory_per_child_kib(memory.available_memory(), 0.75, 3)
+    assert worker.max_tasks_per_child == 100
+    assert worker.max_memory_per_child == expected
+    assert app.conf.worker_max_tasks_per_child == 100
+    assert app.conf.worker_max_memory_per_child == expected
+    assert f"after 100 tasks (LEAKGUARD) and past {expected} KiB of peak RSS" in caplog.text
+    assert "x 0.75 / 3 children" in caplog.text
+
+
+def test_explicit_values_win(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    worker = FakeWorker(app, max_tasks_per_child=7, max_memory_per_child=5000)
+    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+        apply_limits(worker)
+    assert (worker.max_tasks_per_child, worker.max_memory_per_child) == (7, 5000)
+    assert "after 7 tasks (explicit) and past 5000 KiB of peak RSS (explicit)" in caplog.text
+
+
+@override_settings(LEAKGUARD={"CELERY_MAX_TASKS_PER_CHILD": 0, "CELERY_MEMORY_FRACTION": None})
+def test_limits_can_be_disabled(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    worker = FakeWorker(app)
+    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+        apply_limits(worker)
+    assert (worker.max_tasks_per_child, worker.max_memory_per_child) == (None, None)
+    assert "after unlimited tasks (no limit) and past no limit" in caplog.text
+
+
+def test_autoscale_max_sizes_the_share(app: Celery) -> None:
+    assert pool_size(FakeWorker(app, concurrency=2, max_concurrency=8)) == 8
+    assert pool_size(FakeWorker(app, concurrency=2)) == 2
+
+
+@override_settings(LEAKGUARD={"CELERY_MEMORY_FRACTION": 1.5})
+def test_bad_settings_raise_at_worker_start(app: Celery) -> None:
+    with pytest.raises(ImproperlyConfigured, match="CELERY_MEMORY_FRACTION"):
+        apply_limits(FakeWorker(app))
+
+
+def test_the_step_applies_limits_before_the_pool_is_created(app: Celery) -> None:
+    # Celery's worker blueprint: every step's __init__ runs before any step's create().
+    configure(app)
+    worker = app.WorkController(concurrency=2, pool_cls="solo", without_heartbeat=True)
+    try:
+        assert worker.max_tasks_per_child == 100
+        assert worker.max_memory_per_child == celery_memory_per_child_kib(
+            memory.available_memory(), 0.75, 2
+        )
+    finally:
+        worker.stop(in_sighandler=False)
+
+
+# Task recording. Celery's eager mode runs a task in this process with the same signals.
+
+
+def test_tasks_are_recorded_under_their_name(app: Celery) -> None:
+    from django_leakguard.recorder import get_recorder
+
+    configure(app)
+    app.conf.task_always_eager = True
+
+    @app.task(name="tests.keep")
+    def keep() -> int:
+        return 1
+
+    recorder = get_recorder()
+    recorder.discard()
+    keep.delay()
+    keep.delay()
+    pending = recorder.pending()
+    calls = {
+        key: aggregate.calls for bucket in pending.values() for key, aggregate in bucket.items()
+    }
+    assert calls[("task", "tests.keep")] == 2
+    assert leakguard_celery._calls == {}
+    recorder.discard()
+
+
+@override_settings(LEAKGUARD={"RECORD": False})
+def test_nothing_is_recorded_when_record_is_off(app: Celery) -> None:
+    from django_leakguard.recorder import get_recorder
+
+    configure(app)
+    app.conf.task_always_eager = True
+
+    @app.task(name="tests.quiet")
+    def quiet() -> int:
+        return 1
+
+    recorder = get_recorder()
+    recorder.discard()
+    quiet.delay()
+    assert not any(("task", "tests.quiet") in bucket for bucket in recorder.pending().values())
+
+
+def test_in_flight_calls_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Task:
+        name = "tests.bounded"
+
+    monkeypatch.setattr(leakguard_celery, "_MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(leakguard_celery, "_calls", {})
+    for number in range(5):
+        leakguard_celery._task_prerun(task_id=str(number), task=Task())
+    assert list(leakguard_celery._calls) == ["2", "3", "4"]
+    leakguard_celery._task_postrun(task_id="9", task=Task())  # unknown: ignored
+    leakguard_celery._task_postrun(task_id=None, task=Task())
+    leakguard_celery._task_prerun(task_id=None, task=Task())
+    assert len(leakguard_celery._calls) == 3
+
+
+@override_settings(LEAKGUARD={"RECORD": "yes"})
+def test_a_bad_setting_never_fails_a_task() -> None:
+    assert leakguard_celery._recording() is False
+
+
+# Real Celery workers.
+
+
+def _broker(tmp_path: Path) -> dict[str, str]:
+    url = os.environ.get("LEAKGUARD_TEST_REDIS_URL", "")
+    if url:
+        # A database of its own, so other Celery tests on the same Redis do not collide.
+        return {"CELERY_BROKER_URL": re.sub(r"/\d*$", "", url) + "/14"}
+    return {"TESTPROJECT_BROKER_DIR": str(tmp_path / "broker")}
+
+
+def _send(env: dict[str, str], calls: str) -> None:
+    """Send tasks through the test project's app, in a process of its own."""
+    script = (
+        "import django; django.setup()\n"
+        "from testproject.celery import app\n"
+        "from shop import tasks\n"
+        f"{calls}\n"
+    )
+    subprocess.run(
+        [servers.PYTHON, "-c", script],
+        env=env,
+        cwd=servers.TESTPROJECT,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+
+
+def _pids(note: Path, count: int, server: servers.Server, timeout: float = 40) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [int(line) for line in note.read_text().split()] if note.exists() else []
+        if len(pids) >= count:
+            return pids
+        if time.monotonic() > deadline or not server.running():
+            raise AssertionError(f"{len(pids)} of {count} tasks ran:\n{server.log()}")
+        time.sleep(0.2)
+
+
+def _worker(tmp_path: Path, env: dict[str, str], *extra: str) -> Any:
+    return servers.running(
+        "celery",
+        servers.celery_worker_command(concurrency=2, extra=extra),
+        env=env,
+        log_path=tmp_path / "celery.log",
+        ready=lambda server: server.wait_for_log(r"celery@\S+ ready", timeout=40),
+    )
+
+
+@pytest.mark.servers
+def test_children_recycle_after_max_tasks_and_rows_reach_storage(tmp_path: Path) -> None:
+    database = tmp_path / "db.sqlite3"
+    env = servers.project_env(
+        database,
+        LEAKGUARD_CELERY_MAX_TASKS_PER_CHILD=3,
+        LEAKGUARD_FLUSH_INTERVAL=3600,  # rows are written when a child exits
+        **_broker(tmp_path),
+    )
+    servers.migrate(env)
+    note = tmp_path / "pids"
+    # worker_concurrency 4 in the app's config: the -c 2 of the command line wins.
+    env["CELERY_WORKER_CONCURRENCY"] = "4"
+    with _worker(tmp_path, env) as server:
+        log = server.log()
+        kib = celery_memory_per_child_kib(memory.available_memory(), 0.75, 2)
+        assert f"recycle after 3 tasks (LEAKGUARD) and past {kib} KiB of peak RSS" in log
+        assert "x 0.75 / 2 children" in log
+        _send(env, f"for i in range(12): tasks.add.delay(i, i, note={str(note)!r})")
+        pids = _pids(note, 12, server)
+        # Let the last children exit after their third task, and flush.
+        time.sleep(2)
+    counts = servers.runs(pids)
+    assert len(counts) >= 4
+    assert max(counts.values()) <= 3
+    assert (
+        servers.manage(
+            env,
+            "shell",
+            "-c",
+            "from django_leakguard.models import Growth;"
+            "print(sum(Growth.objects.filter(kind='task', key='shop.tasks.add')"
+            ".values_list('calls', flat=True)))",
+        )
+        .strip()
+        .splitlines()[-1]
+        == "12"
+    )
+
+
+@pytest.mark.servers
+def test_a_child_over_the_memory_limit_is_replaced(tmp_path: Path) -> None:
+    # A limit of about 250 MiB per child for -c 2, whatever memory this machine has.
+    fraction = 2 * 250 * 1024 * 1024 / memory.available_memory()
+    env = servers.project_env(
+        tmp_path / "db.sqlite3",
+        LEAKGUARD_CELERY_MAX_TASKS_PER_CHILD=0,
+        LEAKGUARD_CELERY_MEMORY_FRACTION=f"{fraction:.12f}",
+        **_broker(tmp_path),
+    )
+    servers.migrate(env)
+    note = tmp_path / "pids"
+    with _worker(tmp_path, env) as server:
+        kib = celery_memory_per_child_kib(memory.available_memory(), float(f"{fraction:.12f}"), 2)
+        server.wait_for_log(f"past {kib} KiB of peak RSS")
+        _send(env, f"tasks.leak_retain.delay(300, note={str(note)!r})")
+        (leaker,) = _pids(note, 1, server)
+        server.wait_for_log(
+            r"exceeding memory limit|exceeded memory limit|memory limit", timeout=30
+        )
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(leaker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(leaker) or psutil.Process(leaker).status() == "zombie"
+        # The pool replaced it: ordinary tasks still run, in other children.
+        _send(env, f"for i in range(4): tasks.add.delay(i, i, note={str(note)!r})")
+        pids = _pids(note, 5, server)
+    assert leaker not in pids[1:]

@@ -1,0 +1,345 @@
+# ruff: noqa: E501  (exact report output has long lines)
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from django_leakguard import memory
+from django_leakguard.models import Growth, Worker
+
+FIXTURE = Path(__file__).parent / "fixtures" / "uwsgi-memory-report.log"
+GIB = 1024**3
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def fixed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host's memory differs between machines; the exact-output tests need one figure.
+    monkeypatch.setattr(memory, "available_memory", lambda: 8 * GIB)
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command("leakreport", *args, stdout=out)
+    return out.getvalue()
+
+
+def fill(heap: bool = True) -> None:
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for offset in (0, 1):
+        Growth.objects.create(
+            kind="request",
+            key="/leak/retain/",
+            hour=hour - dt.timedelta(hours=offset),
+            view="shop.views.leak_retain",
+            calls=100,
+            rss_growth=100 * 1024,
+            rss_growth_positive=200 * 1024,
+            rss_grew_calls=10,
+            rss_growth_max=64 * 1024,
+            heap_calls=100 if heap else 0,
+            heap_growth=100 * 65536 if heap else 0,
+            heap_growth_max=65536 if heap else 0,
+        )
+    Growth.objects.create(
+        kind="request",
+        key="/spike/",
+        hour=hour,
+        calls=50,
+        rss_growth=50 * 250_000,
+        rss_growth_positive=50 * 250_000,
+        rss_grew_calls=25,
+        rss_growth_max=20 * 1024 * 1024,
+        heap_calls=50 if heap else 0,
+        heap_growth=0,
+    )
+    Growth.objects.create(
+        kind="task",
+        key="shop.tasks.export",
+        hour=hour,
+        calls=20,
+        rss_growth=-4096,
+        heap_calls=20 if heap else 0,
+        heap_growth=20 * 1024 if heap else 0,
+    )
+    Growth.objects.create(
+        kind="request",
+        key="/old/",
+        hour=hour - dt.timedelta(days=3),
+        calls=1000,
+        heap_calls=1000,
+        heap_growth=10**9,
+        rss_growth=10**9,
+    )
+    now = timezone.now()
+    for pid, calls in ((11, 150), (12, 120)):
+        Worker.objects.create(
+            host="web-1",
+            pid=pid,
+            started_at=now - dt.timedelta(minutes=30),
+            rss_first=60 * 1024 * 1024,
+            rss_last=60 * 1024 * 1024 + calls * 10 * 1024,
+            calls=calls,
+            last_seen=now,
+        )
+
+
+TABLE = """\
+Ranked by net heap growth (the memory each key kept); top 3 of 3 keys, 270 calls.
+
+#  kind     key                calls  heap/call  heap kept   RSS/call  share  grew
+1  request  /leak/retain/        200   64.0 KiB   12.5 MiB    1.0 KiB  99.8%   10%
+2  task     shop.tasks.export     20    1.0 KiB   20.0 KiB     -205 B   0.2%    0%
+3  request  /spike/               50        0 B        0 B  244.1 KiB   0.0%   50%
+
+Workers: 2 seen (at most 2 at once on one host), 270 requests and tasks served, mean RSS growth +10.0 KiB per request.
+With MAX_REQUESTS = 1,000, a worker grows about 9.8 MiB before it is recycled (from 60.0 MiB at its first request to about 69.8 MiB).
+Largest max_requests that keeps a worker under its share of 4.0 GiB (8.0 GiB available / 2 workers at once): 413,286; MAX_REQUESTS is within it.
+"""
+
+
+def test_table() -> None:
+    fill()
+    output = run()
+    header, _, rest = output.partition("\n\n")
+    assert header.startswith("Memory growth by URL pattern and task, since ")
+    assert rest == TABLE
+
+
+def test_without_heap_ranks_by_rss() -> None:
+    fill(heap=False)
+    output = run("--limit", "2", "--min-count", "30")
+    assert "The heap signal was unavailable" in output
+    assert "Ranked by net RSS growth (what the OS charged); top 2 of 2 keys, 250 calls." in output
+    assert output.index("/spike/") < output.index("/leak/retain/")
+    assert "shop.tasks.export" not in output
+
+
+def test_sorts_and_kinds() -> None:
+    fill()
+    per_call = json.loads(run("--sort", "per-call", "--format", "json"))
+    assert per_call["ranked_by"] == "heap-per-call"
+    rss = json.loads(run("--sort", "rss", "--format", "json", "--kind", "task"))
+    assert [row["key"] for row in rss["rows"]] == ["shop.tasks.export"]
+    week = json.loads(run("--since", "7d", "--format", "json"))
+    assert week["rows"][0]["key"] == "/old/"
+
+
+def test_json_schema() -> None:
+    fill()
+    data = json.loads(run("--format", "json"))
+    assert set(data) == {
+        "version",
+        "source",
+        "since",
+        "until",
+        "sort",
+        "ranked_by",
+        "heap_available",
+        "thin",
+        "notes",
+        "totals",
+        "rows",
+        "workers",
+        "recommendation",
+        "log",
+    }
+    assert data["version"] == 1
+    assert data["source"] == "database"
+    assert data["log"] is None
+    assert dt.datetime.fromisoformat(data["since"]) < dt.datetime.fromisoformat(data["until"])
+    assert data["rows"][0] == {
+        "rank": 1,
+        "kind": "request",
+        "key": "/leak/retain/",
+        "view": "shop.views.leak_retain",
+        "calls": 200,
+        "heap_growth_bytes": 13107200,
+        "heap_growth_per_call_bytes": 65536,
+        "heap_growth_max_bytes": 65536,
+        "rss_growth_bytes": 204800,
+        "rss_growth_per_call_bytes": 1024,
+        "rss_growth_positive_bytes": 409600,
+        "rss_growth_max_bytes": 65536,
+        "rss_grew_fraction": 0.1,
+        "share": 0.9984,
+    }
+    assert data["totals"] == {
+        "keys": 3,
+        "calls": 270,
+        "heap_growth_bytes": 13127680,
+        "rss_growth_bytes": 12700704,
+    }
+    assert data["workers"] == {
+        "seen": 2,
+        "at_once": 2,
+        "calls": 270,
+        "rss_growth_bytes": 2764800,
+        "rss_growth_per_call_bytes": 10240,
+        "rss_first_mean_bytes": 62914560,
+    }
+    assert data["recommendation"] == {
+        "max_requests": 1000,
+        "memory_per_worker_bytes": 4 * GIB,
+        "memory_per_worker_source": "8.0 GiB available / 2 workers at once",
+        "growth_before_recycle_bytes": 10240000,
+        "peak_rss_bytes": 73154560,
+        "suggested_max_requests": 413286,
+    }
+
+
+def test_csv() -> None:
+    fill()
+    lines = run("--format", "csv").splitlines()
+    assert lines[0] == (
+        "rank,kind,key,view,calls,heap_growth_bytes,heap_growth_per_call_bytes,"
+        "heap_growth_max_bytes,rss_growth_bytes,rss_growth_per_call_bytes,"
+        "rss_growth_positive_bytes,rss_growth_max_bytes,rss_grew_fraction,share"
+    )
+    assert lines[1] == (
+        "1,request,/leak/retain/,shop.views.leak_retain,200,13107200,65536,65536,"
+        "204800,1024,409600,65536,0.1,0.9984"
+    )
+    assert len(lines) == 4
+
+
+def test_empty_database() -> None:
+    output = run()
+    assert output.startswith("No memory growth recorded since ")
+    assert "LeakGuardMiddleware" in output
+    data = json.loads(run("--format", "json"))
+    assert data["rows"] == []
+    assert data["thin"] is True
+
+
+def test_thin_data() -> None:
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    Growth.objects.create(kind="request", key="/a/", hour=hour, calls=12, heap_calls=12)
+    output = run()
+    assert "Only 12 calls in 1 keys: too few to rank (at least 100 needed)." in output
+    assert "Workers: none recorded in this window." in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--since", "yesterday"), "--since should be a duration"),
+        (("--since", "2999-01-01"), "is in the future"),
+        (("--limit", "-1"), "expected 0 or more"),
+        (("--limit", "ten"), "expected a whole number"),
+        (("--sort", "size"), "invalid choice"),
+        (("--uwsgi-log", "/nonexistent.log"), "Cannot read the uWSGI log: "),
+        (("--uwsgi-log", str(FIXTURE), "--kind", "task"), "--kind task does not apply"),
+    ],
+)
+def test_errors(args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        run(*args)
+
+
+def test_bad_gzip(tmp_path: Path) -> None:
+    broken = tmp_path / "log.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(CommandError, match="Cannot read the uWSGI log"):
+        run("--uwsgi-log", str(broken))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_missing_tables() -> None:
+    from django.db import connection
+
+    with connection.schema_editor() as editor:
+        editor.delete_model(Growth)
+    try:
+        with pytest.raises(
+            CommandError, match=re.escape("Run 'manage.py migrate django_leakguard'")
+        ):
+            run()
+    finally:
+        with connection.schema_editor() as editor:
+            editor.create_model(Growth)
+
+
+LOG_TABLE = """\
+Memory growth by URL from uWSGI memory-report logs ({fixture}).
+uWSGI logs carry RSS only: no heap signal, so this names the requests that grew the process, which are not always the ones that keep memory.
+Parsed 13 request lines in 23 lines; skipped 10 lines that are not memory-report request lines; 1 respawned workers reused a pid. Grouped by urlconf (92% of the first 13 paths resolved against the URLconf).
+The heap signal was unavailable (no heap readings: glibc's mallinfo2 is missing, or the source is a uWSGI log), so rows are ranked by RSS growth.
+
+Only 10 calls in 5 keys: too few to rank (at least 100 needed). Let the app serve more traffic, or widen --since.
+
+Workers: 3 seen (at most 2 at once on one host), 10 requests and tasks served, mean RSS growth +122.4 KiB per request.
+Too few requests (10; at least 100 needed) to recommend a recycling limit.
+"""
+
+
+def test_uwsgi_log_table() -> None:
+    assert run("--uwsgi-log", str(FIXTURE)) == LOG_TABLE.format(fixture=FIXTURE)
+
+
+def test_uwsgi_log_json_and_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdin = io.TextIOWrapper(io.BufferedReader(io.BytesIO(FIXTURE.read_bytes())))  # type: ignore[arg-type]
+    monkeypatch.setattr(sys, "stdin", stdin)
+    data = json.loads(run("--uwsgi-log", "-", "--format", "json", "--group-by", "pattern"))
+    assert data["source"] == "uwsgi-log"
+    assert data["since"] is None
+    assert data["heap_available"] is False
+    assert data["ranked_by"] == "rss"
+    assert [row["key"] for row in data["rows"]] == [
+        "/leak/retain/",
+        "/leak/cache/<uuid>/",
+        "/products/<int>/",
+        "/nowhere/<int>/",
+        "/spike/",
+    ]
+    assert data["rows"][0]["heap_growth_bytes"] is None
+    assert data["rows"][0]["rss_growth_bytes"] == 917504
+    log = data["log"]
+    assert log["files"] == ["-"]
+    assert (log["lines"], log["request_lines"], log["skipped_lines"], log["respawns"]) == (
+        23,
+        13,
+        10,
+        1,
+    )
+    assert log["group_by"] == "pattern"
+
+
+@override_settings(LEAKGUARD={"WORKER_MAX_MEMORY": "64MiB", "MAX_REQUESTS": 0})
+def test_recommendation_with_worker_max_memory() -> None:
+    fill()
+    data = json.loads(run("--format", "json"))
+    assert data["recommendation"]["memory_per_worker_source"] == "WORKER_MAX_MEMORY 64.0 MiB"
+    assert data["recommendation"]["suggested_max_requests"] == 409
+    output = run()
+    assert "MAX_REQUESTS is 0: workers are never recycled by request count." in output
+    assert "409; set MAX_REQUESTS to at most that." in output
+
+
+def test_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    fill()
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    with pytest.raises(CommandError, match="Reset cancelled"):
+        run("--reset")
+    assert Growth.objects.count() == 5
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    assert run("--reset") == "Deleted 5 growth rows and 2 worker rows.\n"
+    fill()
+    assert run("--reset", "--no-input") == "Deleted 5 growth rows and 2 worker rows.\n"
+    assert not Worker.objects.exists()
+
+
+def test_prune() -> None:
+    fill()
+    Growth.objects.filter(key="/old/").update(hour=timezone.now() - dt.timedelta(days=20))
+    assert run("--prune") == "Deleted 1 rows older than 14 days.\n"
+    assert Growth.objects.count() == 4

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from django_leakguard import report
+from django_leakguard.report import Row, Workers
+
+NOW = dt.datetime(2025, 11, 1, 12, 30, tzinfo=dt.timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30m", NOW - dt.timedelta(minutes=30)),
+        ("24h", NOW - dt.timedelta(hours=24)),
+        (" 7d ", NOW - dt.timedelta(days=7)),
+        ("2w", NOW - dt.timedelta(weeks=2)),
+        ("2025-10-31", dt.datetime(2025, 10, 31, tzinfo=dt.timezone.utc)),
+        ("2025-10-31T08:00:00+01:00", dt.datetime(2025, 10, 31, 7, tzinfo=dt.timezone.utc)),
+    ],
+)
+def test_parse_since(value: str, expected: dt.datetime) -> None:
+    assert report.parse_since(value, NOW) == expected
+
+
+@pytest.mark.parametrize("value", ["", "5y", "soon", "2026-01-01"])
+def test_parse_since_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="--since"):
+        report.parse_since(value, NOW)
+
+
+@pytest.mark.parametrize(
+    ("value", "signed", "text"),
+    [
+        (None, False, "n/a"),
+        (0, False, "0 B"),
+        (512, True, "+512 B"),
+        (-1536, False, "-1.5 KiB"),
+        (3 * 1024**2, False, "3.0 MiB"),
+        (5 * 1024**4, False, "5120.0 GiB"),
+    ],
+)
+def test_format_bytes(value: float | None, signed: bool, text: str) -> None:
+    assert report.format_bytes(value, signed) == text
+
+
+def workers(calls: int = 1000, growth: int = 1000 * 1024, seen: int = 2) -> Workers:
+    return Workers(
+        seen=seen,
+        calls=calls,
+        rss_growth=growth,
+        rss_first_total=seen * 100 * 1024**2,
+        at_once=seen,
+    )
+
+
+def test_recommend_is_none_when_thin() -> None:
+    assert report.recommend(Workers(), 1000, None, 1024**3) is None
+    assert report.recommend(workers(calls=50), 1000, None, 1024**3) is None
+
+
+def test_recommend_lower_limit() -> None:
+    # 512 MiB per worker, starting at 100 MiB, growing 1 KiB per request.
+    rec = report.recommend(workers(), 500_000, None, 1024**3)
+    assert rec is not None
+    assert rec.share == 512 * 1024**2
+    assert rec.suggested_max_requests == 412 * 1024
+    assert rec.lines[-1].endswith("lower MAX_REQUESTS to at most that.")
+
+
+def test_recommend_no_growth() -> None:
+    rec = report.recommend(workers(growth=-5000), 1000, None, 1024**3)
+    assert rec is not None
+    assert rec.suggested_max_requests is None
+    assert "Workers do not grow on average (-5 B per request)" in rec.lines[-1]
+
+
+def test_recommend_over_share() -> None:
+    rec = report.recommend(workers(), 1000, 50 * 1024**2, 1024**3)
+    assert rec is not None
+    assert rec.suggested_max_requests is None
+    assert "already above their share of 50.0 MiB (WORKER_MAX_MEMORY 50.0 MiB)" in rec.lines[-1]
+
+
+def test_build_report_rejects_unknown_sort() -> None:
+    with pytest.raises(ValueError, match="sort should be"):
+        report.build_report([], Workers(), source="database", since=NOW, until=NOW, sort="x")
+
+
+def test_rss_per_call_ranking_without_heap() -> None:
+    rows = [
+        Row("request", "/a/", calls=10, rss_growth=100),
+        Row("request", "/b/", calls=1, rss_growth=50),
+    ]
+    built = report.build_report(
+        rows, Workers(), source="database", since=NOW, until=NOW, sort="per-call", limit=0
+    )
+    assert built.ranked_by == "rss-per-call"
+    assert [row.key for row in built.rows] == ["/b/", "/a/"]
+    assert built.shares == [pytest.approx(1 / 3), pytest.approx(2 / 3)]
+
+
+def test_zero_calls_row() -> None:
+    row = Row("task", "t", calls=0)
+    assert row.rss_per_call == 0.0
+    assert row.grew_fraction == 0.0
+    assert row.heap_per_call is None
+    assert Workers().growth_per_call is None
+    assert Workers().mean_first_rss is None
+
+
+def test_long_keys_are_shortened_in_the_table() -> None:
+    rows = [Row("request", "/" + "x" * 80 + "/", calls=200, heap_calls=200, heap_growth=1)]
+    built = report.build_report(rows, workers(seen=1), source="database", since=NOW, until=NOW)
+    table = report.render_table(built)
+    assert "/" + "x" * 58 + "…" in table
+    assert "Only one worker was seen" in table
