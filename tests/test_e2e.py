@@ -1,0 +1,291 @@
+"""End to end: real servers recycle under a mixed load, storage counts every call, and
+leakreport names the leak.
+
+Each test starts a real server (Gunicorn sync, Gunicorn gthread, uWSGI, a Celery prefork
+worker) on a free loopback port, sends a mixed load over ordinary, leaking and transient
+endpoints or tasks, stops the server, then checks (a) that the stored counts equal exactly what
+was sent although workers were recycled during the load, (b) that a leaking key ranks first in
+`leakreport --format json` and the transient one is not in the top three, and (c) that no worker
+served more than its limit plus its jitter. Storage is PostgreSQL when
+LEAKGUARD_TEST_POSTGRES_URL is set (CI), else a SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests import servers
+
+pytestmark = pytest.mark.servers
+
+MAX_REQUESTS = 40
+JITTER = 0.25  # up to 10 more requests per worker
+JITTER_ABSOLUTE = round(MAX_REQUESTS * JITTER)
+
+# (path template, weight, URL pattern the middleware stores); {n} is the request number.
+LOAD = [
+    ("/", 14, "/"),
+    ("/products/{n}/", 16, "/products/<int:pk>/"),
+    ("/search/?q=user{n}@example.com", 10, "/search/"),
+    ("/leak/retain/", 30, "/leak/retain/"),
+    ("/leak/cache/k{n}/", 20, "/leak/cache/<str:key>/"),
+    ("/spike/", 10, "/spike/"),
+]
+LEAKS = {"/leak/retain/", "/leak/cache/<str:key>/"}
+TRANSIENT = "/spike/"
+TASK_LEAKS = {"shop.tasks.leak_retain"}
+TASK_TRANSIENT = "shop.tasks.spike"
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[str]:
+    """A migrated database for one test: a fresh PostgreSQL database in CI, else SQLite."""
+    url = os.environ.get("LEAKGUARD_TEST_POSTGRES_URL", "")
+    if not url:
+        path = tmp_path / "db.sqlite3"
+        servers.migrate(servers.project_env(path))
+        yield str(path)
+        return
+    import psycopg
+
+    name = f"leakguard_e2e_{uuid.uuid4().hex[:12]}"
+    parts = urlsplit(url)
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    test_url = urlunsplit(parts._replace(path=f"/{name}"))
+    try:
+        servers.migrate(servers.project_env(test_url))
+        yield test_url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def plan(total: int, seed: int = 3) -> tuple[list[str], Counter[str]]:
+    """Return the paths of a mixed load and the count each URL pattern should get."""
+    rng = random.Random(seed)
+    templates = [(template, pattern) for template, _, pattern in LOAD]
+    weights = [weight for _, weight, _ in LOAD]
+    paths: list[str] = []
+    expected: Counter[str] = Counter()
+    for n, (template, pattern) in enumerate(rng.choices(templates, weights, k=total)):
+        paths.append(template.replace("{n}", str(n)))
+        expected[pattern] += 1
+    return paths, expected
+
+
+def send(server: servers.Server, paths: list[str], clients: int) -> None:
+    """GET every path from clients threads; every request must succeed."""
+    failures: list[str] = []
+    lock = threading.Lock()
+    queue = list(reversed(paths))
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                path = queue.pop()
+            try:
+                status, _ = servers.get(server.url(path), timeout=30)
+                if status != 200:
+                    failures.append(f"{path}: status {status}")
+            except Exception as exc:
+                failures.append(f"{path}: {exc!r}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+
+
+def report(env: dict[str, str]) -> dict[str, object]:
+    output = servers.manage(
+        env, "leakreport", "--format", "json", "--since", "1h", "--limit", "50"
+    )
+    return json.loads(output)  # type: ignore[no-any-return]
+
+
+def stored_calls(env: dict[str, str], kind: str) -> Counter[str]:
+    output = servers.manage(
+        env,
+        "shell",
+        "-c",
+        "import json\n"
+        "from django.db.models import Sum\n"
+        "from django_leakguard.models import Growth\n"
+        f"rows = Growth.objects.filter(kind={kind!r}).values('key').annotate(n=Sum('calls'))\n"
+        "print(json.dumps({row['key']: row['n'] for row in rows}))",
+    )
+    return Counter(json.loads(output.strip().splitlines()[-1]))
+
+
+def assert_leak_ranked_first(env: dict[str, str], kind: str) -> list[dict[str, Any]]:
+    """Check leakreport's JSON: a leak first, the transient key not in the top three."""
+    data = report(env)
+    rows = [row for row in data["rows"] if row["kind"] == kind]  # type: ignore[attr-defined]
+    keys = [row["key"] for row in rows]
+    assert keys, data
+    assert keys[0] in LEAKS | TASK_LEAKS, keys
+    transient = TRANSIENT if kind == "request" else TASK_TRANSIENT
+    if len(keys) > 3:
+        assert transient not in keys[:3], keys
+    else:
+        # The test project has three tasks: the spike must at least keep far less than the leak.
+        spike = next(row for row in rows if row["key"] == transient)
+        assert spike["heap_growth_per_call_bytes"] < rows[0]["heap_growth_per_call_bytes"] / 10
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "threads", "clients"), [("sync", 1, 2), ("gthread", 4, 2)]
+)
+def test_gunicorn(
+    tmp_path: Path, database: str, worker_class: str, threads: int, clients: int
+) -> None:
+    env = servers.project_env(
+        database,
+        LEAKGUARD_MAX_REQUESTS=MAX_REQUESTS,
+        LEAKGUARD_MAX_REQUESTS_JITTER=JITTER,
+        LEAKGUARD_FLUSH_INTERVAL=3600,  # rows are written as each worker exits
+    )
+    paths, expected = plan(400)
+    port = servers.free_port()
+    command = servers.gunicorn_command(
+        "testproject.wsgi", port, worker_class=worker_class, threads=threads, workers=2
+    )
+    with servers.running(
+        f"gunicorn-{worker_class}",
+        command,
+        env=env,
+        log_path=tmp_path / "gunicorn.log",
+        port=port,
+        ready=lambda server: server.wait_for_log(r"django-leakguard: worker \d+", count=2),
+    ) as server:
+        send(server, paths, clients)
+        server.wait_for_log(r"ACCESS pid", count=len(paths))
+        log = server.log()
+    assert "Autorestarting worker after current request" in log
+
+    # (a) Every request is stored exactly once, although workers were recycled.
+    assert stored_calls(env, "request") == expected
+
+    # (b) A leak ranks first; the transient spike is not in the top three.
+    assert_leak_ranked_first(env, "request")
+
+    # (c) No worker served more than its limit plus its jitter. A gthread worker also finishes
+    # the requests its other threads had already accepted when it decided to stop.
+    served = servers.runs(servers.access_pids(log))
+    assert len(served) >= 6, served
+    in_hand = threads - 1
+    assert max(served.values()) <= MAX_REQUESTS + JITTER_ABSOLUTE + in_hand, served
+
+
+def test_uwsgi(tmp_path: Path, database: str) -> None:
+    env = servers.project_env(
+        database,
+        LEAKGUARD_MAX_REQUESTS=MAX_REQUESTS,
+        LEAKGUARD_MAX_REQUESTS_JITTER=JITTER,
+        LEAKGUARD_FLUSH_INTERVAL=3600,
+    )
+    snippet = servers.manage(env, "leakguard_config", "uwsgi", "--processes", "2")
+    delta = int(re.search(r"^max-requests-delta = (\d+)", snippet, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    ini = tmp_path / "uwsgi.ini"
+    # uWSGI never recycles a worker younger than min-worker-lifetime (60 s by default).
+    ini.write_text(snippet + "processes = 2\nmin-worker-lifetime = 0\n")
+    paths, expected = plan(400, seed=5)
+    port = servers.free_port()
+    command = servers.uwsgi_command("testproject.wsgi:application", port, ini=ini)
+    with servers.running(
+        "uwsgi",
+        command,
+        env=env,
+        log_path=tmp_path / "uwsgi.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/"),
+    ) as server:
+        send(server, paths[:1], 1)  # the readiness probe counted one "/" too
+        send(server, paths[1:], 2)
+        server.wait_for_log(r"\[pid: \d+\|app: ", count=len(paths) + 1)
+        log = server.log()
+    expected["/"] += 1  # the readiness probe
+    assert "The work of process" in log  # uWSGI recycled workers (max-requests)
+    assert stored_calls(env, "request") == expected
+    assert_leak_ranked_first(env, "request")
+    served = servers.runs(servers.uwsgi_request_pids(log))
+    assert len(served) >= 4, served
+    # Worker i recycles after max-requests + (i - 1) x delta: at most + delta with 2 workers.
+    assert max(served.values()) <= MAX_REQUESTS + delta, served
+
+
+def test_celery_prefork(tmp_path: Path, database: str) -> None:
+    broker: dict[str, str]
+    redis = os.environ.get("LEAKGUARD_TEST_REDIS_URL", "")
+    if redis:
+        broker = {"CELERY_BROKER_URL": re.sub(r"/\d*$", "", redis) + "/13"}
+    else:
+        broker = {"TESTPROJECT_BROKER_DIR": str(tmp_path / "broker")}
+    max_tasks = 5
+    env = servers.project_env(
+        database,
+        LEAKGUARD_CELERY_MAX_TASKS_PER_CHILD=max_tasks,
+        LEAKGUARD_FLUSH_INTERVAL=3600,
+        **broker,
+    )
+    note = tmp_path / "pids"
+    rng = random.Random(11)
+    calls = rng.choices(["leak_retain", "spike", "add"], [4, 2, 4], k=40)
+    expected = Counter(f"shop.tasks.{name}" for name in calls)
+    lines = []
+    for n, name in enumerate(calls):
+        args = f"{n}, {n}, " if name == "add" else ""
+        lines.append(f"tasks.{name}.delay({args}note={str(note)!r})")
+    with servers.running(
+        "celery",
+        servers.celery_worker_command(concurrency=2),
+        env=env,
+        log_path=tmp_path / "celery.log",
+        ready=lambda server: server.wait_for_log(r"celery@\S+ ready", timeout=40),
+    ) as server:
+        if redis:
+            # Start from an empty queue: the test's own Redis database.
+            servers.manage(
+                env,
+                "shell",
+                "-c",
+                "from testproject.celery import app; app.control.purge()",
+            )
+        script = "\n".join(
+            ["from testproject.celery import app", "from shop import tasks", *lines]
+        )
+        servers.manage(env, "shell", "-c", script)
+        deadline = time.monotonic() + 50
+        while True:
+            done = note.read_text().split() if note.exists() else []
+            if len(done) >= len(calls) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(done) == len(calls), server.log()
+        time.sleep(1.5)  # the last children finish their task bookkeeping
+    assert stored_calls(env, "task") == expected
+    rows = assert_leak_ranked_first(env, "task")
+    assert rows[0]["key"] == "shop.tasks.leak_retain"
+    served = servers.runs([int(pid) for pid in done])
+    assert len(served) >= 8, served
+    assert max(served.values()) <= max_tasks, served
