@@ -11,3 +11,7 @@ class LeakGuardConfig(AppConfig):
 
     def ready(self) -> None:
         from django_leakguard import checks  # noqa: F401  (registers the system checks)
+        from django_leakguard import uwsgi
+
+        # Under uWSGI, flush the recorder as each worker exits (uwsgi.atexit); a no-op elsewhere.
+        uwsgi.install()

@@ -138,8 +138,9 @@ def check_gunicorn(**kwargs: Any) -> list[checks.CheckMessage]:
             )
             if found.source != "GUNICORN_CMD_ARGS":
                 hint += (
-                    " Or start it with `from django_leakguard.gunicorn_conf import *` to use "
-                    "the limits in LEAKGUARD."
+                    " Or end it with `from django_leakguard.gunicorn_conf import "
+                    "leakguard_settings` and `globals().update(leakguard_settings(globals()))` "
+                    "to use the limits in LEAKGUARD."
                 )
             messages.append(
                 checks.Warning(

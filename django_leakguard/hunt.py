@@ -18,6 +18,7 @@ from django.http import HttpResponseBase
 from django.test import Client
 from django.urls import Resolver404, resolve
 
+from django_leakguard.recorder import suspended
 from django_leakguard.replay import ReplayHandler
 from django_leakguard.tracing import Site, site_statistics
 
@@ -207,7 +208,9 @@ def hunt(
     half = requests // 2
     client = ReplayClient()
     replayer = _Replayer(client, method, path)
-    with client.receivers_connected(), _writes_rolled_back(not commit):
+    # The replayed requests are not traffic: LeakGuardMiddleware (and sampled tracing, which
+    # would fight leakhunt for tracemalloc) must not record them.
+    with suspended(), client.receivers_connected(), _writes_rolled_back(not commit):
         if username is not None:
             _log_in(client, username)
         # Warm-up fills what is allocated once: imports, caches, connections, lazy settings.

@@ -24,6 +24,13 @@ class Growth(models.Model):
     heap_calls = models.BigIntegerField(_("calls with a heap reading"), default=0)
     heap_growth = models.BigIntegerField(_("net heap growth"), default=0)
     heap_growth_max = models.BigIntegerField(_("largest heap growth of one call"), default=0)
+    traced_calls = models.BigIntegerField(_("calls traced with tracemalloc"), default=0)
+    traced_retained = models.BigIntegerField(
+        _("bytes the traced calls allocated and kept"), default=0
+    )
+    # The top TRACE_TOP_SITES allocation sites of the traced calls: a list of
+    # tracing.Site.as_dict(), largest first.
+    traced_sites = models.JSONField(_("top allocation sites"), default=list, blank=True)
 
     class Meta:
         verbose_name = _("memory growth")

@@ -7,6 +7,10 @@ Instead of visiting every call at every sample, the recorder keeps a running sum
 between its end and its begin. Serially this is the exact delta of the call; with threads or
 async the shares of all calls add up to the process's change over the time calls were in flight,
 so nothing is counted twice.
+
+With LEAKGUARD["TRACE_SAMPLE_RATE"] above 0, that share of the calls that begin while no other
+call is in flight are traced with tracemalloc (see tracing); a traced call's sample is dropped
+as soon as another call begins in the process, so two calls are never traced together.
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from django_leakguard import conf, memory
+from django.test.signals import setting_changed
+
+from django_leakguard import conf, memory, tracing
+from django_leakguard.tracing import Site, Trace, TraceResult, merge_sites
 
 logger = logging.getLogger("django_leakguard")
 
@@ -37,7 +46,7 @@ PRUNE_EVERY = 24 * 3600.0
 # mallinfo2() walks the allocator's free lists, so its cost grows with fragmentation (0.4 µs
 # in a bare interpreter, several µs in a large application). When a reading costs more than
 # this, only a random fraction budget/cost of the calls read the heap; heap_calls counts them.
-HEAP_PROBE_BUDGET = 0.7e-6
+HEAP_PROBE_BUDGET = 1.0e-6
 # Recording errors are logged at most once per this many seconds.
 ERROR_LOG_INTERVAL = 60.0
 
@@ -45,13 +54,15 @@ ERROR_LOG_INTERVAL = 60.0
 class Call:
     """One request or task in flight: where the running shares stood when it began."""
 
-    __slots__ = ("generation", "heap_share", "rss_share")
+    __slots__ = ("generation", "heap_share", "rss_share", "trace")
 
     def __init__(self, generation: int, rss_share: float, heap_share: float | None) -> None:
         self.generation = generation
         self.rss_share = rss_share
         # None when this call does not read the heap (see HEAP_PROBE_BUDGET).
         self.heap_share = heap_share
+        # The allocation trace of a sampled call; None for almost every call.
+        self.trace: Trace | None = None
 
 
 class Aggregate:
@@ -66,6 +77,9 @@ class Aggregate:
         "rss_growth",
         "rss_growth_max",
         "rss_growth_positive",
+        "traced_calls",
+        "traced_retained",
+        "traced_sites",
         "view",
     )
 
@@ -79,6 +93,15 @@ class Aggregate:
         self.heap_calls = 0
         self.heap_growth = 0
         self.heap_growth_max = 0
+        self.traced_calls = 0
+        self.traced_retained = 0
+        self.traced_sites: tuple[Site, ...] = ()
+
+    def add_trace(self, result: TraceResult, top_n: int) -> None:
+        """Count one traced call: its retained bytes and sites, keeping the top_n sites."""
+        self.traced_calls += 1
+        self.traced_retained += result.retained
+        self.traced_sites = merge_sites(self.traced_sites, result.sites, top_n)
 
     def add(self, rss_growth: int, heap_growth: int | None) -> None:
         if self.calls == 0 or rss_growth > self.rss_growth_max:
@@ -110,6 +133,12 @@ class Aggregate:
         self.rss_grew_calls += other.rss_grew_calls
         self.heap_calls += other.heap_calls
         self.heap_growth += other.heap_growth
+        if other.traced_calls:
+            # Both hold at most TRACE_TOP_SITES sites: the merge keeps as many as the larger.
+            top_n = max(len(self.traced_sites), len(other.traced_sites))
+            self.traced_sites = merge_sites(self.traced_sites, other.traced_sites, top_n)
+            self.traced_calls += other.traced_calls
+            self.traced_retained += other.traced_retained
 
 
 # pending[hour][(kind, key)]; hour is the Unix time divided by 3600.
@@ -169,6 +198,15 @@ class Recorder:
         # Also called in a forked child: new locks (a lock held by another thread at fork time
         # would stay held forever), no calls in flight, nothing pending: the parent flushes its
         # own data.
+        traced: Call | None = getattr(self, "_traced", None)
+        if traced is not None and traced.trace is not None:
+            traced.trace.discard()  # a no-op in a forked child: tracing stopped it already
+        self._traced: Call | None = None  # the call being traced, if any
+        # Whether calls may be sampled for tracing: True until the settings say the rate is
+        # 0, so that at rate 0 begin() costs one attribute check more (see _trace_settings).
+        self._tracing = True
+        self._trace_rate: float | None = None  # read from the settings on first use
+        self._trace_top = int(conf.DEFAULTS["TRACE_TOP_SITES"])
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._generation = getattr(self, "_generation", 0) + 1
@@ -179,9 +217,12 @@ class Recorder:
         self._last_rss = 0
         self._last_heap = 0
         self._has_heap = memory.heap_available()
-        self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
+        self._heap_cost = 0.0  # estimated cost of one heap() reading, in seconds
         if self._has_heap:
-            self._time_heap()
+            # The first readings after a fork pay for copy-on-write page faults: keep the
+            # cheapest of a few, or an outlier would starve the heap signal for a long time.
+            for _ in range(3):
+                self._time_heap()
         self._pending: Pending = {}
         self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
         self._worker = WorkerState(
@@ -199,7 +240,10 @@ class Recorder:
         start = time.perf_counter()
         heap = memory.heap()
         cost = time.perf_counter() - start
-        self._heap_cost = cost if not self._heap_cost else 0.9 * self._heap_cost + 0.1 * cost
+        # Falls at once to a cheaper reading and rises slowly: a preempted or page-faulting
+        # reading must not lower the share of calls that read the heap.
+        previous = self._heap_cost
+        self._heap_cost = cost if not previous or cost < previous else min(cost, previous * 1.05)
         return heap
 
     def _reads_heap(self) -> bool:
@@ -231,14 +275,70 @@ class Recorder:
                 if worker.rss_first is None:
                     worker.rss_first = rss
                     worker.heap_first = heap
-                return Call(self._generation, self._rss_share, heap_share)
+                call = Call(self._generation, self._rss_share, heap_share)
+                lost = self._sample(call, n) if self._tracing else None
+            if lost is not None:
+                lost.discard()  # outside the lock: stopping tracemalloc frees every trace
+            return call
         except Exception:
             self._errors.exception("LeakGuard could not sample memory at the start of a call")
             return Call(-1, 0.0, None)
 
+    def _sample(self, call: Call, in_flight: int) -> Trace | None:
+        """Under the lock: drop a sample another call interrupts, or start tracing call.
+
+        Return the interrupted trace, for the caller to discard outside the lock.
+        """
+        traced = self._traced
+        if traced is not None:
+            # Another call begins while one is traced: its allocations would mix with the
+            # traced call's, so the sample is dropped (and the cost of tracing ends now).
+            self._traced = None
+            return traced.trace
+        rate = self._trace_rate
+        if rate is None:
+            rate = self._trace_settings()
+        if not in_flight and tracing.should_sample(rate):
+            # Under the lock, so that no call can begin between the check and the start.
+            call.trace = tracing.start_trace()
+            if call.trace is not None:
+                self._traced = call
+        return None
+
+    def _trace_settings(self) -> float:
+        try:
+            settings = conf.get_settings()
+            rate, top = settings.TRACE_SAMPLE_RATE, settings.TRACE_TOP_SITES
+        except Exception:  # invalid settings (the checks report them): do not trace
+            rate, top = 0.0, self._trace_top
+        self._trace_rate, self._trace_top = rate, top
+        if not rate:
+            self._tracing = False
+        return rate
+
+    def settings_changed(self) -> None:
+        """Read TRACE_SAMPLE_RATE and TRACE_TOP_SITES again at the next call."""
+        self._trace_rate = None
+        self._tracing = True
+
+    def _end_trace(self, call: Call, trace: Trace) -> TraceResult | None:
+        """Stop call's trace; return its result unless another call began meanwhile."""
+        call.trace = None
+        # Snapshot first, then check: a call that begins before the check drops the sample,
+        # one that begins after it can no longer add to the snapshot.
+        result = trace.stop(self._trace_top)
+        with self._lock:
+            if self._traced is not call:
+                return None  # interrupted, or the recorder was reset meanwhile
+            self._traced = None
+        return result
+
     def end(self, call: Call, kind: str, key: str, view: str = "") -> None:
         """Sample memory, attribute the change, and add the call to its key's totals."""
         try:
+            trace = call.trace
+            # Before the memory probes: the snapshot's own allocations are freed by then.
+            result = None if trace is None else self._end_trace(call, trace)
             if call.generation != self._generation:
                 return  # begun before a fork or a discard(), or begin() failed
             call.generation = -1  # a second end() of the same call is ignored
@@ -264,6 +364,8 @@ class Recorder:
                 if aggregate is None:
                     aggregate = self._new_aggregate(bucket, hour, kind, key, view)
                 aggregate.add(round(self._rss_share - call.rss_share), heap_growth)
+                if result is not None:
+                    aggregate.add_trace(result, self._trace_top)
                 worker = self._worker
                 if not worker.kind:
                     worker.kind = kind
@@ -437,6 +539,11 @@ class Recorder:
         """Forget everything not flushed and start afresh (for tests)."""
         self._reset()
 
+    @property
+    def traced_call(self) -> Call | None:
+        """The call being traced now, if any."""
+        return self._traced
+
 
 def _database_name() -> str:
     try:
@@ -488,6 +595,52 @@ def _flush_at_exit() -> None:
     recorder = _recorder
     if recorder is not None:
         recorder.flush()
+
+
+class _SuspendedRecorder(Recorder):
+    """Records nothing: what get_recorder() returns inside suspended()."""
+
+    def begin(self) -> Call:
+        return Call(-1, 0.0, None)
+
+    def end(self, call: Call, kind: str, key: str, view: str = "") -> None:
+        return None
+
+    def flush_due(self) -> bool:
+        return False
+
+    def flush_if_due(self) -> None:
+        return None
+
+    def flush(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Record nothing in this process while the block runs (leakhunt's replayed requests).
+
+    The process's recorder is swapped for one that ignores every call, so the request path
+    pays nothing for it; what the real recorder holds is kept and flushed as usual.
+    """
+    global _recorder
+    real = get_recorder()
+    with _recorder_lock:
+        _recorder = _SuspendedRecorder()
+    try:
+        yield
+    finally:
+        with _recorder_lock:
+            _recorder = real
+
+
+def _settings_changed(setting: str = "", **kwargs: Any) -> None:
+    recorder = _recorder
+    if setting == conf.SETTING_NAME and recorder is not None:
+        recorder.settings_changed()
+
+
+setting_changed.connect(_settings_changed, dispatch_uid="django_leakguard.recorder.settings")
 
 
 def _after_fork_in_child() -> None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from django_leakguard.tracing import Site
     from django_leakguard.uwsgi_log import LogSummary
 
-SORTS = ("heap", "rss", "per-call")
+SORTS = ("heap", "rss", "per-call", "retained")
 KINDS = ("request", "task", "all")
 FORMATS = ("table", "json", "csv")
 # Below these, rankings and recommendations are noise: the report says so in words.
@@ -80,6 +81,19 @@ class Row:
     heap_growth: int = 0
     heap_growth_max: int = 0
     view: str = ""
+    traced_calls: int = 0
+    traced_retained: int = 0
+
+    @property
+    def retained_per_call(self) -> float | None:
+        """Bytes a traced call allocated and still held at its end; None when untraced."""
+        return self.traced_retained / self.traced_calls if self.traced_calls else None
+
+    @property
+    def retained_estimate(self) -> float:
+        """Retained per traced call times all calls: what the key kept, estimated."""
+        per_call = self.retained_per_call
+        return per_call * self.calls if per_call is not None else 0.0
 
     @property
     def heap_available(self) -> bool:
@@ -173,6 +187,8 @@ def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "defa
         s_heap_growth=Sum("heap_growth"),
         m_heap_growth_max=Max("heap_growth_max"),
         m_view=Max("view"),
+        s_traced_calls=Sum("traced_calls"),
+        s_traced_retained=Sum("traced_retained"),
     )
     return [
         Row(
@@ -187,6 +203,8 @@ def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "defa
             heap_growth=entry["s_heap_growth"] or 0,
             heap_growth_max=entry["m_heap_growth_max"] or 0,
             view=entry["m_view"] or "",
+            traced_calls=entry["s_traced_calls"] or 0,
+            traced_retained=entry["s_traced_retained"] or 0,
         )
         for entry in sums
     ]
@@ -356,12 +374,19 @@ def build_report(
             )
     elif sort == "per-call":
         ranked_by = "heap-per-call"
+    elif sort == "retained" and rows and not any(row.traced_calls for row in rows):
+        notes.append(
+            "No call was traced in this window (LEAKGUARD['TRACE_SAMPLE_RATE'] is 0, or too "
+            "few calls were sampled), so every key has 0 bytes retained."
+        )
     kept = [row for row in rows if row.calls >= min_count]
     total_calls = sum(row.calls for row in kept)
     total_heap = sum(row.heap_growth for row in kept)
     total_rss = sum(row.rss_growth for row in kept)
 
     def signal(row: Row) -> float:
+        if ranked_by == "retained":
+            return row.retained_estimate
         if ranked_by == "heap":
             return row.heap_growth
         if ranked_by == "heap-per-call":
@@ -371,6 +396,8 @@ def build_report(
         return row.rss_growth
 
     def total_signal(row: Row) -> int:
+        if ranked_by == "retained":
+            return round(row.retained_estimate)
         return row.heap_growth if ranked_by.startswith("heap") else row.rss_growth
 
     ranked = sorted(kept, key=lambda row: (-signal(row), row.kind, row.key))
@@ -417,6 +444,9 @@ COLUMNS = (
     "rss_growth_max_bytes",
     "rss_grew_fraction",
     "share",
+    "traced_calls",
+    "retained_bytes",
+    "retained_per_call_bytes",
 )
 
 
@@ -438,6 +468,11 @@ def row_dict(rank: int, row: Row, share: float) -> dict[str, Any]:
         "rss_growth_max_bytes": row.rss_growth_max,
         "rss_grew_fraction": round(row.grew_fraction, 4),
         "share": round(share, 4),
+        "traced_calls": row.traced_calls,
+        "retained_bytes": row.traced_retained if row.traced_calls else None,
+        "retained_per_call_bytes": (
+            round(row.retained_per_call) if row.retained_per_call is not None else None
+        ),
     }
 
 
@@ -515,6 +550,7 @@ _RANKED_BY = {
     "rss": "net RSS growth (what the OS charged)",
     "heap-per-call": "heap kept per call",
     "rss-per-call": "RSS growth per call",
+    "retained": "memory retained per traced call times calls (allocation tracing)",
 }
 
 
@@ -528,8 +564,9 @@ def _header(report: Report) -> str:
 
 
 def _table(report: Report) -> list[str]:
+    headers: tuple[str, ...]
     headers = ("#", "kind", "key", "calls", "heap/call", "heap kept", "RSS/call", "share", "grew")
-    body = [
+    body: list[tuple[str, ...]] = [
         (
             str(rank),
             row.kind,
@@ -543,6 +580,12 @@ def _table(report: Report) -> list[str]:
         )
         for rank, (row, share) in enumerate(zip(report.rows, report.shares, strict=True), 1)
     ]
+    if any(row.traced_calls for row in report.rows):
+        headers += ("retained/call (traced)",)
+        body = [
+            (*cells, format_bytes(row.retained_per_call))
+            for cells, row in zip(body, report.rows, strict=True)
+        ]
     widths = [max(len(cell) for cell in column) for column in zip(headers, *body, strict=False)]
     left = {1, 2}
     lines = []
@@ -623,3 +666,151 @@ def render(report: Report, fmt: str) -> str:
     if fmt == "csv":
         return render_csv(report)
     return render_table(report)
+
+
+# Allocation sites of one key (--detail) ------------------------------------------------------
+
+
+@dataclass
+class Detail:
+    """The traced allocation sites of one kind and key over the window."""
+
+    kind: str
+    key: str
+    calls: int
+    traced_calls: int
+    traced_retained: int
+    sites: tuple[Site, ...]  # largest first; sizes add up over the traced calls
+
+    @property
+    def retained_per_call(self) -> float | None:
+        return self.traced_retained / self.traced_calls if self.traced_calls else None
+
+
+def details_from_database(
+    key: str, since: dt.datetime, kind: str = "all", using: str = "default", top_n: int = 10
+) -> list[Detail]:
+    """Merge the hourly rows of key (one Detail per kind it was recorded under)."""
+    from django_leakguard.models import Growth
+    from django_leakguard.storage import stored_sites
+    from django_leakguard.tracing import merge_sites
+
+    queryset = Growth.objects.using(using).filter(hour__gte=floor_hour(since), key=key)
+    if kind != "all":
+        queryset = queryset.filter(kind=kind)
+    details: dict[str, Detail] = {}
+    for row_kind, calls, traced_calls, traced_retained, sites in queryset.order_by(
+        "kind", "hour"
+    ).values_list("kind", "calls", "traced_calls", "traced_retained", "traced_sites"):
+        detail = details.setdefault(row_kind, Detail(row_kind, key, 0, 0, 0, ()))
+        detail.calls += calls
+        detail.traced_calls += traced_calls
+        detail.traced_retained += traced_retained
+        detail.sites = merge_sites(detail.sites, stored_sites(sites), top_n)
+    return list(details.values())
+
+
+def _site_dict(site: Site, traced_calls: int) -> dict[str, Any]:
+    return {
+        "filename": site.filename,
+        "lineno": site.lineno,
+        "line": site.line,
+        "size_bytes": site.size,
+        "per_call_bytes": round(site.size / traced_calls) if traced_calls else None,
+        "count": site.count,
+        "frames": list(site.frames),
+    }
+
+
+def detail_json(details: Sequence[Detail], key: str, since: dt.datetime) -> dict[str, Any]:
+    """Return --detail's JSON object."""
+    return {
+        "version": JSON_VERSION,
+        "key": key,
+        "since": _iso(since),
+        "details": [
+            {
+                "kind": detail.kind,
+                "key": detail.key,
+                "calls": detail.calls,
+                "traced_calls": detail.traced_calls,
+                "retained_bytes": detail.traced_retained if detail.traced_calls else None,
+                "retained_per_call_bytes": (
+                    round(detail.retained_per_call)
+                    if detail.retained_per_call is not None
+                    else None
+                ),
+                "sites": [_site_dict(site, detail.traced_calls) for site in detail.sites],
+            }
+            for detail in details
+        ],
+    }
+
+
+DETAIL_COLUMNS = (
+    "rank",
+    "kind",
+    "key",
+    "filename",
+    "lineno",
+    "line",
+    "size_bytes",
+    "per_call_bytes",
+    "count",
+)
+
+
+def render_detail(
+    details: Sequence[Detail], key: str, since: dt.datetime, fmt: str, callers: int = 3
+) -> str:
+    """Render --detail as a table (the default), JSON or CSV."""
+    if fmt == "json":
+        return json.dumps(detail_json(details, key, since), indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer, fieldnames=DETAIL_COLUMNS, lineterminator="\n", extrasaction="ignore"
+        )
+        writer.writeheader()
+        for detail in details:
+            for rank, site in enumerate(detail.sites, 1):
+                writer.writerow(
+                    {
+                        "rank": rank,
+                        "kind": detail.kind,
+                        "key": detail.key,
+                        **_site_dict(site, detail.traced_calls),
+                    }
+                )
+        return buffer.getvalue()
+    lines: list[str] = []
+    for detail in details:
+        if lines:
+            lines.append("")
+        window = f"since {since:%Y-%m-%d %H:%M %Z}".rstrip()
+        if not detail.traced_calls:
+            lines.append(
+                f"No traced call of {detail.kind} {detail.key} {window} ({detail.calls:,} calls"
+                " recorded): set LEAKGUARD['TRACE_SAMPLE_RATE'] (e.g. 0.01) to sample calls "
+                "with tracemalloc, or widen --since."
+            )
+            continue
+        lines.append(
+            f"Allocation sites of {detail.kind} {detail.key} {window}: {detail.traced_calls:,} "
+            f"traced of {detail.calls:,} calls, {format_bytes(detail.retained_per_call)} "
+            "retained per traced call."
+        )
+        lines.append("")
+        for rank, site in enumerate(detail.sites, 1):
+            lines.append(
+                f"{rank:>2}. {site.location}  {format_bytes(site.size / detail.traced_calls)} "
+                f"per traced call ({format_bytes(site.size)} in all; {site.count:,} blocks)"
+            )
+            if site.line:
+                lines.append(f"      {site.line}")
+            # frames run innermost first: the callers are those after the site's own frame.
+            own = site.frames.index(site.location) if site.location in site.frames else -1
+            lines.extend(
+                f"      from {frame}" for frame in site.frames[own + 1 : own + 1 + callers]
+            )
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,12 @@
-"""Durable storage: race-safe batched increments of hourly rows, worker rows, retention."""
+"""Durable storage: race-safe batched increments of hourly rows, worker rows, retention.
+
+Traced allocation sites cannot be added up by an upsert: they are a bounded JSON list per row.
+The upsert inserts new rows with no sites; then, in the same transaction, the sites of each
+traced row are read, merged with the batch's in Python (tracing.merge_sites, keeping the
+TRACE_TOP_SITES largest) and written back. The upsert has locked those rows (PostgreSQL's row
+locks, SQLite's database write lock) until the commit, so a concurrent flush of the same row
+waits and then merges into the result: no update is lost.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from django_leakguard.models import Growth, Worker
 
 if TYPE_CHECKING:
     from django_leakguard.recorder import Aggregate, Batch, WorkerState
+    from django_leakguard.tracing import Site
 
 GROWTH_SUMS = (
     "calls",
@@ -26,6 +35,8 @@ GROWTH_SUMS = (
     "rss_grew_calls",
     "heap_calls",
     "heap_growth",
+    "traced_calls",
+    "traced_retained",
 )
 GROWTH_COLUMNS = (
     "kind",
@@ -35,6 +46,7 @@ GROWTH_COLUMNS = (
     *GROWTH_SUMS,
     "rss_growth_max",
     "heap_growth_max",
+    "traced_sites",  # inserted empty; merged by _merge_traced_sites
 )
 WORKER_COLUMNS = (
     "host",
@@ -92,6 +104,7 @@ def write(batch: Batch) -> None:
                 _upsert_growth(connection, rows)
             else:
                 _increment_growth_portably(using, rows)
+            _merge_traced_sites(using, batch)
         if batch.worker.calls and batch.worker.rss_first is not None:
             _write_worker(connection, using, batch.worker)
 
@@ -102,8 +115,37 @@ def growth_rows(batch: Batch) -> list[tuple[Any, ...]]:
     for hour in sorted(batch.pending):
         start = hour_start(hour)
         for (kind, key), aggregate in sorted(batch.pending[hour].items()):
-            rows.append((kind, key, start, aggregate.view, *_numbers(aggregate)))
+            rows.append((kind, key, start, aggregate.view, *_numbers(aggregate), []))
     return rows
+
+
+def _merge_traced_sites(using: str, batch: Batch) -> None:
+    """Merge the batch's allocation sites into the rows' (the rows are locked by now)."""
+    from django_leakguard.tracing import merge_sites
+
+    top_n = conf.get_settings().TRACE_TOP_SITES
+    for hour in sorted(batch.pending):
+        start = hour_start(hour)
+        for (kind, key), aggregate in sorted(batch.pending[hour].items()):
+            if not aggregate.traced_sites:
+                continue
+            rows = Growth.objects.using(using).filter(kind=kind, key=key, hour=start)
+            stored = rows.select_for_update().values_list("traced_sites", flat=True).first()
+            merged = merge_sites(stored_sites(stored), aggregate.traced_sites, top_n)
+            rows.update(traced_sites=[site.as_dict() for site in merged])
+
+
+def stored_sites(stored: Any) -> list[Site]:
+    """Return the stored sites, leaving out any entry that is not one (hand-edited rows)."""
+    from django_leakguard.tracing import Site
+
+    sites = []
+    for data in stored if isinstance(stored, list) else []:
+        try:
+            sites.append(Site.from_dict(data))
+        except ValueError:
+            continue
+    return sites
 
 
 def _numbers(aggregate: Aggregate) -> tuple[int, ...]:
@@ -114,6 +156,8 @@ def _numbers(aggregate: Aggregate) -> tuple[int, ...]:
         aggregate.rss_grew_calls,
         aggregate.heap_calls,
         aggregate.heap_growth,
+        aggregate.traced_calls,
+        aggregate.traced_retained,
         aggregate.rss_growth_max,
         aggregate.heap_growth_max,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import linecache
 import os
@@ -63,9 +64,16 @@ def is_user_file(filename: str) -> bool:
 
 def short_filename(filename: str) -> str:
     """Return filename relative to the longest sys.path entry holding it (as imports name it)."""
+    # Called for every frame of every site at every traced call: memoised (bounded), keyed
+    # by sys.path and the working directory ("" in sys.path) so that changing them is seen.
+    return _short_filename(filename, tuple(sys.path), os.getcwd())
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_filename(filename: str, path: tuple[str, ...], cwd: str) -> str:
     best = ""
-    for entry in sys.path:
-        base = os.path.join(os.path.abspath(entry or os.curdir), "")
+    for entry in path:
+        base = os.path.join(os.path.abspath(os.path.join(cwd, entry)), "")
         if filename.startswith(base) and len(base) > len(best):
             best = base
     return filename[len(best) :] if best else filename

@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import repeat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -46,15 +47,15 @@ MAX_LINE = 1 << 16
 # or restarts near 1, is a new worker that reuses the pid.
 RESPAWN_WINDOW = 64
 
-# Only the fields we need, each bounded by the next literal, so the match never backtracks
-# far. Everything after "=> generated" (msecs or micros, "via sendfile()", "via offload()")
-# is irrelevant here.
+# Only the fields we need (not the method), each bounded by the next literal, so the match
+# never backtracks far. Everything after "=> generated" (msecs or micros, "via sendfile()",
+# "via offload()") is irrelevant here. One findall() per chunk runs the per-line matching in C.
 REQUEST_LINE = re.compile(
     rb"\{rss usage: (\d+) bytes/\d+MB\} "
     rb"(?:\{uss usage: \d+ bytes/\d+MB\} \{pss usage: \d+ bytes/\d+MB\} )?"
     rb"\[pid: (\d+)\|app: (-?\d+)\|req: (-?\d+)/\d+\] "
     rb"\S* \(.*?\) \{\d+ vars in \d+ bytes\} "
-    rb"\[([^\]\n]*)\] (\S+) (\S+) => generated "
+    rb"\[([^\]\n]*)\] \S+ (\S+) => generated "
 )
 
 _EDGE_BEFORE = rb"(?<![0-9A-Za-z])"
@@ -225,10 +226,16 @@ class LogParser:
         self._max_live_workers = max_live_workers
         # key -> [calls, net growth, positive growth, calls that grew, largest growth]
         self._groups: dict[str, list[int]] = {}
-        # raw logged URI -> its group's list (a bounded cache: cleared when full)
+        # logged URI (digits zeroed when they never matter) -> its group's list; URIs with
+        # %-escapes are kept apart, unzeroed. Bounded caches: cleared when full.
         self._by_uri: dict[bytes, list[int]] = {}
+        self._by_escaped_uri: dict[bytes, list[int]] = {}
         self._by_shape: dict[bytes, list[int]] = {}
-        # pid -> [rss, req, app, first rss, calls, first date, last date]
+        # path_shape() of a whole logged URI (query string included) -> its group; only when
+        # digits never matter and the URI is a plain path: URIs that differ only in their
+        # UUIDs or hex ids (each one new) then skip the slow path.
+        self._by_uri_shape: dict[bytes, list[int]] = {}
+        # pid -> [rss, req, app, first rss, first date, last date]
         self._live: dict[bytes, list[Any]] = {}
         self._intervals: list[tuple[float, float]] = []
         self._dates: dict[bytes, float | None] = {}
@@ -237,7 +244,6 @@ class LogParser:
         self.request_lines = 0
         self.respawns = 0
         self.workers = 0
-        self.worker_calls = 0
         self.worker_rss_growth = 0
         self.worker_rss_first_total = 0
         self.folded_groups = 0
@@ -255,6 +261,12 @@ class LogParser:
 
     def _group(self, uri: bytes) -> list[int]:
         """Return the group of a URI not in the URI cache (and cache it)."""
+        escaped = b"%" in uri
+        if escaped:
+            # Zeroing digits inside %-escapes would change the characters they encode.
+            cached = self._by_escaped_uri.get(uri)
+            if cached is not None:
+                return cached
         path = _raw_path(uri)
         shape = path_shape(unquote_to_bytes(path))
         group = self._by_shape.get(shape) if self._zero_digits else None
@@ -272,11 +284,12 @@ class LogParser:
                 if len(self._by_shape) >= PATH_CACHE_SIZE:
                     self._by_shape.clear()
                 self._by_shape[shape] = group
-        if len(self._by_uri) >= PATH_CACHE_SIZE:
-            self._by_uri.clear()
-        if self._zero_digits and b"%" not in uri:
+        cache = self._by_escaped_uri if escaped else self._by_uri
+        if len(cache) >= PATH_CACHE_SIZE:
+            cache.clear()
+        if self._zero_digits and not escaped:
             uri = uri.translate(_ZERO_DIGITS)
-        self._by_uri[uri] = group
+        cache[uri] = group
         return group
 
     def _decide_grouping(self, uris: list[bytes]) -> None:
@@ -311,7 +324,8 @@ class LogParser:
 
     def feed_bytes(self, data: bytes) -> None:
         """Parse the complete lines in data; keep a trailing partial line for the next call."""
-        data = self._rest + data
+        if self._rest:
+            data = self._rest + data
         cut = data.rfind(b"\n") + 1
         self._rest = data[cut:]
         if len(self._rest) > MAX_LINE:
@@ -319,33 +333,38 @@ class LogParser:
             self.lines += 1
             self._rest = b""
         if cut:
-            self._parse(data[:cut])
+            self._parse(data, cut)
 
     def end_of_stream(self) -> None:
         """Parse a last line that has no newline."""
         rest, self._rest = self._rest, b""
         if rest:
-            self._parse(rest + b"\n")
+            self._parse(rest + b"\n", len(rest) + 1)
 
-    def _parse(self, data: bytes) -> None:
-        self.lines += data.count(b"\n")
-        rows = REQUEST_LINE.findall(data)
+    def _parse(self, data: bytes, end: int) -> None:
+        """Parse data[:end], which ends with a newline."""
+        self.lines += data.count(b"\n", 0, end)
+        rows = REQUEST_LINE.findall(data, 0, end)
         if not rows:
             return
         self.request_lines += len(rows)
+        rss_values, pids, apps, reqs, dates, uris = zip(*rows)
         if self.group_by == "auto":
-            self._decide_grouping([row[6] for row in rows])
+            self._decide_grouping(list(uris))
         elif self._zero_digits is None:
             self._set_grouping(self.group_by)
-        zero = _ZERO_DIGITS if self._zero_digits else None
+        # Look the groups up in C (map) first; misses (None) are resolved in the loop. A URI
+        # with %-escapes, zeroed, holds a "%" and so never hits: the cache has no such key.
+        keys = map(bytes.translate, uris, repeat(_ZERO_DIGITS)) if self._zero_digits else uris
+        groups = list(map(self._by_uri.get, keys))
+        shapes = self._miss_shapes(groups, uris) if None in groups else {}
         live = self._live
-        by_uri = self._by_uri
-        group_of = self._group
-        for rss_s, pid, app, req_s, date, _method, uri in rows:
-            rss = int(rss_s)
+        resolve = self._resolve
+        for pid, rss, req, app, date, group, uri in zip(
+            pids, map(int, rss_values), map(int, reqs), apps, dates, groups, uris
+        ):
             state = live.get(pid)
             if state is not None:
-                req = int(req_s)
                 last_req = state[1]
                 if (
                     req <= last_req
@@ -360,12 +379,9 @@ class LogParser:
                     state[0] = rss
                     state[1] = req
                     state[2] = app
-                    state[4] += 1
-                    state[6] = date
-                    # Zeroing digits inside %-escapes would change the characters they encode.
-                    group = by_uri.get(
-                        uri.translate(zero) if zero and b"%" not in uri else uri
-                    ) or group_of(uri)
+                    state[5] = date
+                    if group is None:
+                        group = resolve(uri, shapes)
                     group[0] += 1
                     group[1] += delta
                     if delta > 0:
@@ -375,9 +391,42 @@ class LogParser:
                             group[4] = delta
                     continue
             # The first line of a worker: the baseline of its next request.
-            live[pid] = [rss, int(req_s), app, rss, 0, date, date]
+            live[pid] = [rss, req, app, rss, date, date]
             if len(live) > self._max_live_workers:
                 self._retire_oldest()
+
+    def _miss_shapes(
+        self, groups: list[list[int] | None], uris: tuple[bytes, ...]
+    ) -> dict[bytes, bytes]:
+        """Return path_shape() of the plain-path URIs that missed the URI cache.
+
+        One substitution per placeholder over all of them joined by newlines: the patterns
+        never match a newline and treat it as an edge, like the end of a string.
+        """
+        if not self._zero_digits:
+            return {}
+        misses = {
+            uri
+            for uri, group in zip(uris, groups, strict=True)
+            if group is None and uri[:1] == b"/" and b"%" not in uri
+        }
+        if not misses:
+            return {}
+        ordered = list(misses)
+        return dict(zip(ordered, path_shape(b"\n".join(ordered)).split(b"\n"), strict=True))
+
+    def _resolve(self, uri: bytes, shapes: dict[bytes, bytes]) -> list[int]:
+        """Return the group of a URI that missed the URI cache."""
+        shape = shapes.get(uri)
+        if shape is None:
+            return self._group(uri)
+        group = self._by_uri_shape.get(shape)
+        if group is None:
+            group = self._group(uri)
+            if len(self._by_uri_shape) >= PATH_CACHE_SIZE:
+                self._by_uri_shape.clear()
+            self._by_uri_shape[shape] = group
+        return group
 
     def _date(self, value: bytes) -> float | None:
         if value not in self._dates:
@@ -388,15 +437,14 @@ class LogParser:
 
     def _retire_oldest(self) -> None:
         """Retire the half of the live workers whose latest line is oldest."""
-        by_age = sorted(self._live, key=lambda pid: self._date(self._live[pid][6]) or 0.0)
+        by_age = sorted(self._live, key=lambda pid: self._date(self._live[pid][5]) or 0.0)
         for pid in by_age[: len(by_age) // 2]:
             self._retire(pid)
 
     def _retire(self, pid: bytes) -> None:
         """Fold a finished worker incarnation into the totals."""
-        rss, _req, _app, first_rss, calls, first_date, last_date = self._live.pop(pid)
+        rss, _req, _app, first_rss, first_date, last_date = self._live.pop(pid)
         self.workers += 1
-        self.worker_calls += calls
         self.worker_rss_growth += rss - first_rss
         self.worker_rss_first_total += first_rss
         first = self._date(first_date)
@@ -427,7 +475,8 @@ class LogParser:
             skipped_lines=self.lines - self.request_lines,
             respawns=self.respawns,
             workers=self.workers,
-            worker_calls=self.worker_calls,
+            # Each request line is either a worker's first (its baseline) or one of its calls.
+            worker_calls=self.request_lines - self.workers,
             worker_rss_growth=self.worker_rss_growth,
             worker_rss_first_total=self.worker_rss_first_total,
             workers_at_once=most_at_once(self._intervals),

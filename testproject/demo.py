@@ -63,7 +63,14 @@ def progress(done: int, total: int, failed: int) -> None:
     width = 40
     filled = width * done // total
     bar = "#" * filled + "-" * (width - filled)
-    sys.stdout.write(f"\r  [{bar}] {done}/{total} requests, {failed} failed")
+    line = f"   [{bar}] {done}/{total} requests, {failed} failed"
+    if sys.stdout.isatty():
+        if done % 25 and done != total:
+            return
+        sys.stdout.write("\r" + line)
+    elif done % max(total // 10, 1) == 0 or done == total:
+        # Not a terminal (a CI log): a line per tenth instead of carriage returns.
+        sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
@@ -94,15 +101,15 @@ def send_load(base: str, total: int, threads: int, seed: int) -> int:
             with lock:
                 state["done"] += 1
                 state["failed"] += not ok
-                if state["done"] % 25 == 0 or state["done"] == total:
-                    progress(state["done"], total, state["failed"])
+                progress(state["done"], total, state["failed"])
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    sys.stdout.write("\n")
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
     return state["failed"]
 
 

@@ -272,9 +272,6 @@ def test_a_child_over_the_memory_limit_is_replaced(tmp_path: Path) -> None:
         server.wait_for_log(f"past {kib} KiB of peak RSS")
         _send(env, f"tasks.leak_retain.delay(300, note={str(note)!r})")
         (leaker,) = _pids(note, 1, server)
-        server.wait_for_log(
-            r"exceeding memory limit|exceeded memory limit|memory limit", timeout=30
-        )
         deadline = time.monotonic() + 20
         while psutil.pid_exists(leaker) and time.monotonic() < deadline:
             time.sleep(0.2)

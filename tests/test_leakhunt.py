@@ -326,3 +326,23 @@ def test_render_shows_only_callers_of_the_site() -> None:
 )
 def test_format_size(size: int, text: str) -> None:
     assert hunt.format_size(size) == text
+
+
+# Replayed requests are not traffic (issue 8).
+
+
+def test_replayed_requests_are_not_recorded() -> None:
+    from django.conf import settings
+
+    from django_leakguard.recorder import get_recorder
+
+    assert "django_leakguard.middleware.LeakGuardMiddleware" in settings.MIDDLEWARE
+    recorder = get_recorder()
+    recorder.discard()
+    # Sampled tracing on too: it must neither record nor take tracemalloc from leakhunt.
+    with override_settings(LEAKGUARD={"TRACE_SAMPLE_RATE": 1, "FLUSH_INTERVAL": 1e-9}):
+        output = leakhunt("/leak/retain/", "--requests", "10", "--warmup", "2", "--force")
+    assert f"shop/views.py:{line_of('_retained.append(')}" in output
+    assert get_recorder() is recorder
+    assert recorder.pending() == {}
+    assert recorder.worker.calls == 0

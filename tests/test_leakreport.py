@@ -172,6 +172,9 @@ def test_json_schema() -> None:
         "rss_growth_max_bytes": 65536,
         "rss_grew_fraction": 0.1,
         "share": 0.9984,
+        "traced_calls": 0,
+        "retained_bytes": None,
+        "retained_per_call_bytes": None,
     }
     assert data["totals"] == {
         "keys": 3,
@@ -203,11 +206,12 @@ def test_csv() -> None:
     assert lines[0] == (
         "rank,kind,key,view,calls,heap_growth_bytes,heap_growth_per_call_bytes,"
         "heap_growth_max_bytes,rss_growth_bytes,rss_growth_per_call_bytes,"
-        "rss_growth_positive_bytes,rss_growth_max_bytes,rss_grew_fraction,share"
+        "rss_growth_positive_bytes,rss_growth_max_bytes,rss_grew_fraction,share,"
+        "traced_calls,retained_bytes,retained_per_call_bytes"
     )
     assert lines[1] == (
         "1,request,/leak/retain/,shop.views.leak_retain,200,13107200,65536,65536,"
-        "204800,1024,409600,65536,0.1,0.9984"
+        "204800,1024,409600,65536,0.1,0.9984,0,,"
     )
     assert len(lines) == 4
 
@@ -343,3 +347,191 @@ def test_prune() -> None:
     Growth.objects.filter(key="/old/").update(hour=timezone.now() - dt.timedelta(days=20))
     assert run("--prune") == "Deleted 1 rows older than 14 days.\n"
     assert Growth.objects.count() == 4
+
+
+# Traced keys: the retained column, --sort retained, --detail (issue 8) ----------------------
+
+
+def site(
+    lineno: int, size: int, line: str = "", frames: tuple[str, ...] = ()
+) -> dict[str, object]:
+    return {
+        "filename": "shop/views.py",
+        "lineno": lineno,
+        "line": line,
+        "size": size,
+        "count": 2,
+        "frames": list(frames),
+    }
+
+
+def fill_traced() -> None:
+    """/leak/retain/ traced twice an hour; /spike/ and the task untraced."""
+    fill()
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    retain = site(
+        38,
+        2 * 65536,
+        "_retained.append(os.urandom(RETAIN_BYTES))",
+        ("shop/views.py:38", "django/core/handlers/base.py:197", "a.py:1", "b.py:2", "c.py:3"),
+    )
+    for offset, other in ((0, site(39, 1000, "return HttpResponse()")), (1, site(40, 10))):
+        Growth.objects.filter(key="/leak/retain/", hour=hour - dt.timedelta(hours=offset)).update(
+            traced_calls=2, traced_retained=2 * 65536 + other["size"], traced_sites=[retain, other]
+        )
+    Growth.objects.create(
+        kind="request",
+        key="/leak/small/",
+        hour=hour,
+        calls=10,
+        heap_calls=10,
+        heap_growth=10 * 3500,
+        traced_calls=1,
+        traced_retained=80_000,
+        traced_sites=[site(59, 80_000, "_small.append(...)"), {"not": "a site"}],
+    )
+
+
+def test_retained_column_and_json_fields() -> None:
+    fill_traced()
+    output = run()
+    header = next(line for line in output.splitlines() if line.startswith("#"))
+    assert header.endswith("retained/call (traced)")
+    retain = next(line for line in output.splitlines() if "/leak/retain/" in line)
+    assert retain.endswith("64.2 KiB")  # (4 x 64 KiB + 1,010 B) / 4
+    assert next(line for line in output.splitlines() if "/spike/" in line).endswith("n/a")
+    rows = {row["key"]: row for row in json.loads(run("--format", "json"))["rows"]}
+    assert rows["/leak/retain/"]["traced_calls"] == 4
+    assert rows["/leak/retain/"]["retained_bytes"] == 4 * 65536 + 1010
+    assert rows["/leak/retain/"]["retained_per_call_bytes"] == round((4 * 65536 + 1010) / 4)
+    assert (rows["/spike/"]["retained_bytes"], rows["/spike/"]["retained_per_call_bytes"]) == (
+        None,
+        None,
+    )
+
+
+def test_untraced_reports_have_no_retained_column() -> None:
+    fill()
+    assert "retained" not in run()
+
+
+def test_sort_retained_ranks_traced_keys_by_estimated_memory_kept() -> None:
+    fill_traced()
+    data = json.loads(run("--sort", "retained", "--format", "json"))
+    assert data["ranked_by"] == "retained"
+    keys = [row["key"] for row in data["rows"]]
+    # 200 calls x 64.2 KiB, then 10 calls x 80,000 B; untraced keys last.
+    assert keys[:2] == ["/leak/retain/", "/leak/small/"]
+    assert data["rows"][0]["share"] == round(200 * 65788.5 / (200 * 65788.5 + 10 * 80000), 4)
+    assert data["notes"] == []
+    assert "Ranked by memory retained per traced call times calls" in run("--sort", "retained")
+
+
+def test_sort_retained_without_traces_says_so() -> None:
+    fill()
+    data = json.loads(run("--sort", "retained", "--format", "json"))
+    assert data["notes"][0].startswith("No call was traced in this window")
+
+
+def test_detail_prints_the_top_sites() -> None:
+    fill_traced()
+    output = run("--detail", "/leak/retain/")
+    lines = output.splitlines()
+    assert lines[0].startswith("Allocation sites of request /leak/retain/ since ")
+    assert lines[0].endswith(": 4 traced of 200 calls, 64.2 KiB retained per traced call.")
+    assert lines[2:7] == [
+        " 1. shop/views.py:38  64.0 KiB per traced call (256.0 KiB in all; 4 blocks)",
+        "      _retained.append(os.urandom(RETAIN_BYTES))",
+        "      from django/core/handlers/base.py:197",
+        "      from a.py:1",
+        "      from b.py:2",
+    ]
+    assert lines[7:] == [
+        " 2. shop/views.py:39  250 B per traced call (1000 B in all; 2 blocks)",
+        "      return HttpResponse()",
+        " 3. shop/views.py:40  2 B per traced call (10 B in all; 2 blocks)",
+    ]
+
+
+def test_detail_json_and_csv() -> None:
+    fill_traced()
+    data = json.loads(run("--detail", "/leak/small/", "--format", "json"))
+    assert data["version"] == 1
+    assert data["key"] == "/leak/small/"
+    [detail] = data["details"]
+    assert detail == {
+        "kind": "request",
+        "key": "/leak/small/",
+        "calls": 10,
+        "traced_calls": 1,
+        "retained_bytes": 80000,
+        "retained_per_call_bytes": 80000,
+        "sites": [
+            {
+                "filename": "shop/views.py",
+                "lineno": 59,
+                "line": "_small.append(...)",
+                "size_bytes": 80000,
+                "per_call_bytes": 80000,
+                "count": 2,
+                "frames": [],
+            }
+        ],
+    }
+    lines = run("--detail", "/leak/retain/", "--format", "csv").splitlines()
+    assert lines[0] == "rank,kind,key,filename,lineno,line,size_bytes,per_call_bytes,count"
+    assert lines[1] == (
+        "1,request,/leak/retain/,shop/views.py,38,_retained.append(os.urandom(RETAIN_BYTES)),"
+        "262144,65536,4"
+    )
+    assert len(lines) == 4
+
+
+def test_detail_of_an_untraced_key() -> None:
+    fill_traced()
+    output = run("--detail", "/spike/")
+    assert "No traced call of request /spike/ since " in output
+    assert "TRACE_SAMPLE_RATE" in output
+    data = json.loads(run("--detail", "/spike/", "--format", "json"))
+    assert data["details"][0]["retained_bytes"] is None
+    assert data["details"][0]["retained_per_call_bytes"] is None
+    assert data["details"][0]["sites"] == []
+
+
+def test_detail_of_a_key_recorded_as_request_and_task() -> None:
+    fill_traced()
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    Growth.objects.create(kind="task", key="/leak/small/", hour=hour, calls=3)
+    output = run("--detail", "/leak/small/")
+    assert "Allocation sites of request /leak/small/" in output
+    assert "\n\nNo traced call of task /leak/small/" in output
+    only = json.loads(run("--detail", "/leak/small/", "--kind", "task", "--format", "json"))
+    assert [detail["kind"] for detail in only["details"]] == ["task"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--detail", "/nothing/"), "Nothing recorded for '/nothing/' since "),
+        (("--detail", "/a/", "--uwsgi-log", str(FIXTURE)), "uWSGI logs have none"),
+        (("--detail", "/a/", "--since", "soon"), "--since should be a duration"),
+    ],
+)
+def test_detail_errors(args: tuple[str, ...], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        run(*args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_detail_without_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import DatabaseError
+
+    from django_leakguard import report
+
+    def missing(*args: object) -> None:
+        raise DatabaseError("no such table: django_leakguard_growth")
+
+    # Dropping the tables would disturb the other tests' database; the query is made to fail.
+    monkeypatch.setattr(report, "details_from_database", missing)
+    with pytest.raises(CommandError, match=r"Run 'manage\.py migrate django_leakguard'"):
+        run("--detail", "/a/")

@@ -389,3 +389,301 @@ def test_flush_at_exit_flushes_the_recorder(
     monkeypatch.setattr(recorder, "_recorder", None)
     recorder._flush_at_exit()
     assert flushed == [True]
+
+
+# Sampled allocation tracing (issue 8) -----------------------------------------------------
+
+KEPT: list[bytes] = []
+
+
+@pytest.fixture
+def traced(rec: Recorder) -> Iterator[Recorder]:
+    """The recorder with TRACE_SAMPLE_RATE = 1; checks that no test leaves tracemalloc on."""
+    import tracemalloc
+
+    assert not tracemalloc.is_tracing()
+    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 3600, "TRACE_SAMPLE_RATE": 1}):
+        yield rec
+    rec.discard()
+    KEPT.clear()
+    assert not tracemalloc.is_tracing()
+
+
+def test_rate_zero_costs_one_attribute_check(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_leakguard import tracing
+
+    rec.end(rec.begin(), "request", "/a/")  # reads the rate (0) once
+    assert rec._tracing is False
+
+    def never(*args: object) -> None:
+        raise AssertionError("sampling code ran at rate 0")
+
+    monkeypatch.setattr(tracing, "should_sample", never)
+    monkeypatch.setattr(tracing, "start_trace", never)
+    monkeypatch.setattr(rec, "_trace_settings", never)
+    for _ in range(10):
+        call = rec.begin()
+        assert call.trace is None
+        rec.end(call, "request", "/a/")
+    assert totals(rec)["request", "/a/"].traced_calls == 0
+
+
+def test_a_traced_call_records_what_it_kept(traced: Recorder) -> None:
+    import tracemalloc
+
+    call = traced.begin()
+    assert call.trace is not None
+    assert tracemalloc.is_tracing()
+    assert traced.traced_call is call
+    KEPT.append(os.urandom(64 * 1024))
+    traced.end(call, "request", "/kept/")
+    assert not tracemalloc.is_tracing()
+    assert traced.traced_call is None
+    aggregate = totals(traced)["request", "/kept/"]
+    assert (aggregate.calls, aggregate.traced_calls) == (1, 1)
+    assert 64 * 1024 <= aggregate.traced_retained <= 1.1 * 64 * 1024
+    top = aggregate.traced_sites[0]
+    assert top.filename == "tests/test_recorder.py"
+    assert top.line == "KEPT.append(os.urandom(64 * 1024))"
+
+
+def test_sites_per_key_are_bounded(traced: Recorder) -> None:
+    with override_settings(
+        LEAKGUARD={"FLUSH_INTERVAL": 3600, "TRACE_SAMPLE_RATE": 1, "TRACE_TOP_SITES": 2}
+    ):
+        for _ in range(3):
+            call = traced.begin()
+            KEPT.append(os.urandom(4096))
+            KEPT.append(os.urandom(2048))
+            KEPT.append(os.urandom(1024))
+            traced.end(call, "request", "/three/")
+    aggregate = totals(traced)["request", "/three/"]
+    assert aggregate.traced_calls == 3
+    assert len(aggregate.traced_sites) == 2
+    sizes = [site.size for site in aggregate.traced_sites]
+    assert 3 * 4096 <= sizes[0] < 3 * 5000
+    assert 3 * 2048 <= sizes[1] < 3 * 3000
+
+
+def test_a_call_that_begins_during_a_trace_discards_it(traced: Recorder) -> None:
+    import tracemalloc
+
+    first = traced.begin()
+    assert first.trace is not None
+    second = traced.begin()  # another request in the process: the sample is dropped
+    assert second.trace is None
+    assert not tracemalloc.is_tracing()  # and tracing's cost ends at once
+    traced.end(second, "request", "/second/")
+    traced.end(first, "request", "/first/")
+    merged = totals(traced)
+    assert merged["request", "/first/"].traced_calls == 0
+    assert merged["request", "/second/"].traced_calls == 0
+    # Nothing in flight again: the next call is sampled.
+    third = traced.begin()
+    assert third.trace is not None
+    traced.end(third, "request", "/third/")
+    assert totals(traced)["request", "/third/"].traced_calls == 1
+
+
+def test_a_call_that_begins_after_the_snapshot_drops_the_sample(
+    traced: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_leakguard.tracing import Trace
+
+    stop = Trace.stop
+    others: list[recorder.Call] = []
+
+    def stop_then_another_call_begins(self: Trace, top_n: int) -> object:
+        result = stop(self, top_n)
+        others.append(traced.begin())  # between the snapshot and the check
+        return result
+
+    monkeypatch.setattr(Trace, "stop", stop_then_another_call_begins)
+    call = traced.begin()
+    traced.end(call, "request", "/a/")
+    traced.end(others[0], "request", "/b/")
+    assert totals(traced)["request", "/a/"].traced_calls == 0
+
+
+def test_threads_are_never_traced_together(traced: Recorder) -> None:
+    import tracemalloc
+
+    inside = threading.Event()
+    release = threading.Event()
+    seen: list[bool] = []
+
+    def work() -> None:
+        call = traced.begin()
+        seen.append(call.trace is not None)
+        inside.set()
+        release.wait(10)
+        KEPT.append(os.urandom(8192))
+        traced.end(call, "request", "/thread/")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        assert seen == [True]
+        assert tracemalloc.is_tracing()
+        other = traced.begin()  # the main thread begins a call while the thread is traced
+        assert other.trace is None
+        assert not tracemalloc.is_tracing()
+    finally:
+        release.set()
+        thread.join(10)
+    traced.end(other, "request", "/main/")
+    merged = totals(traced)
+    assert merged["request", "/thread/"].traced_calls == 0
+    assert merged["request", "/main/"].traced_calls == 0
+
+
+def test_many_threads_only_trace_calls_alone(traced: Recorder) -> None:
+    """Many threads, rate 1: every sample kept ran alone (its blocks are its own)."""
+    sizes = {"/a/": 3000, "/b/": 7000}
+    errors: list[BaseException] = []
+
+    def work(key: str) -> None:
+        try:
+            for _ in range(200):
+                call = traced.begin()
+                KEPT.append(os.urandom(sizes[key]))
+                traced.end(call, "request", key)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(key,)) for key in sizes for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    for key, size in sizes.items():
+        aggregate = totals(traced)["request", key]
+        assert aggregate.calls == 400
+        if aggregate.traced_calls:
+            # One call's block (plus the list's growth, the bytes header), never two.
+            per_call = aggregate.traced_retained / aggregate.traced_calls
+            assert size <= per_call < size + 2000, (key, per_call)
+
+
+def test_a_users_own_tracemalloc_is_left_alone(traced: Recorder) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call = traced.begin()
+        assert call.trace is None
+        traced.end(call, "request", "/a/")
+        assert tracemalloc.is_tracing()
+    finally:
+        tracemalloc.stop()
+    assert totals(traced)["request", "/a/"].traced_calls == 0
+
+
+def test_a_trace_stopped_by_someone_else_is_lost(traced: Recorder) -> None:
+    import tracemalloc
+
+    call = traced.begin()
+    tracemalloc.stop()
+    traced.end(call, "request", "/a/")
+    aggregate = totals(traced)["request", "/a/"]
+    assert (aggregate.calls, aggregate.traced_calls) == (1, 0)
+
+
+def test_discard_stops_a_trace_in_flight(traced: Recorder) -> None:
+    import tracemalloc
+
+    call = traced.begin()
+    assert tracemalloc.is_tracing()
+    traced.discard()
+    assert not tracemalloc.is_tracing()
+    traced.end(call, "request", "/a/")  # begun before the discard: ignored
+    assert traced.pending() == {}
+
+
+def test_settings_are_read_again_when_they_change(rec: Recorder) -> None:
+    rec.end(rec.begin(), "request", "/a/")
+    assert rec._tracing is False
+    with override_settings(LEAKGUARD={"TRACE_SAMPLE_RATE": 1, "TRACE_TOP_SITES": 3}):
+        assert rec._tracing is True
+        call = rec.begin()
+        assert call.trace is not None
+        assert rec._trace_top == 3
+        rec.end(call, "request", "/a/")
+    call = rec.begin()
+    assert call.trace is None
+    rec.end(call, "request", "/a/")
+    assert totals(rec)["request", "/a/"].traced_calls == 1
+
+
+def test_invalid_settings_trace_nothing(rec: Recorder) -> None:
+    with override_settings(LEAKGUARD={"TRACE_SAMPLE_RATE": 2}):
+        call = rec.begin()
+        assert call.trace is None
+        rec.end(call, "request", "/a/")
+        assert rec._tracing is False
+    assert totals(rec)["request", "/a/"].calls == 1
+
+
+def test_traced_totals_survive_a_failed_flush_and_are_written(
+    traced: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_leakguard import storage
+
+    call = traced.begin()
+    KEPT.append(os.urandom(16384))
+    traced.end(call, "request", "/a/", "tests.a")
+
+    def fail(batch: object) -> None:
+        raise OSError("database down")
+
+    monkeypatch.setattr(storage, "write", fail)
+    assert traced.flush() is False
+    aggregate = totals(traced)["request", "/a/"]
+    assert aggregate.traced_calls == 1
+    assert aggregate.traced_sites[0].size >= 16384
+
+
+def test_aggregate_merge_adds_traces() -> None:
+    from django_leakguard.tracing import Site, TraceResult
+
+    a, b, empty = Aggregate("v"), Aggregate("v"), Aggregate("")
+    a.add(0, None)
+    b.add(0, None)
+    a.add_trace(TraceResult(300, 3, (Site("x.py", 1, "", 300, 3),)), 2)
+    b.add_trace(TraceResult(500, 5, (Site("x.py", 1, "", 200, 2), Site("y.py", 2, "", 300, 3))), 2)
+    a.merge(empty)
+    assert a.traced_calls == 1
+    a.merge(b)
+    assert (a.traced_calls, a.traced_retained) == (2, 800)
+    assert [(s.location, s.size) for s in a.traced_sites] == [("x.py:1", 500), ("y.py:2", 300)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_flush_writes_traced_calls_and_sites(traced: Recorder) -> None:
+    for _ in range(2):
+        call = traced.begin()
+        KEPT.append(os.urandom(32768))
+        traced.end(call, "request", "/a/", "tests.a")
+    assert traced.flush() is True
+    row = Growth.objects.get()
+    assert (row.calls, row.traced_calls) == (2, 2)
+    assert 2 * 32768 <= row.traced_retained <= 1.1 * 2 * 32768
+    assert row.traced_sites[0]["line"] == "KEPT.append(os.urandom(32768))"
+    assert row.traced_sites[0]["size"] >= 2 * 32768
+
+
+def test_suspended_records_nothing_and_restores_the_recorder(rec: Recorder) -> None:
+    with recorder.suspended():
+        inner = get_recorder()
+        assert inner is not rec
+        call = inner.begin()
+        inner.end(call, "request", "/a/")
+        assert inner.flush_due() is False
+        inner.flush_if_due()
+        assert inner.flush() is True
+    assert get_recorder() is rec
+    assert rec.pending() == {}

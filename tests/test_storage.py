@@ -341,3 +341,172 @@ def test_concurrent_flushes_on_postgres(postgres_database: dict[str, Any]) -> No
         rows = conn.execute("SELECT key, calls FROM django_leakguard_growth").fetchall()
         [(workers,)] = conn.execute("SELECT SUM(calls) FROM django_leakguard_worker").fetchall()
     check_totals(rows, int(workers), 4, 400, 10)
+
+
+# Traced allocation sites (issue 8) --------------------------------------------------------
+
+
+def traced_aggregate(calls: int, sites: dict[str, int], retained: int | None = None) -> Aggregate:
+    """An aggregate of calls traced calls, each keeping size bytes at each "file:line"."""
+    from django_leakguard.tracing import Site, TraceResult
+
+    result = aggregate(calls, 0)
+    for _ in range(calls):
+        found = tuple(
+            Site(location.split(":")[0], int(location.split(":")[1]), "x = []", size, 1)
+            for location, size in sites.items()
+        )
+        total = sum(sites.values()) if retained is None else retained
+        result.add_trace(TraceResult(total, len(found), found), 10)
+    return result
+
+
+def stored(row: Growth) -> dict[str, int]:
+    return {f"{site['filename']}:{site['lineno']}": site["size"] for site in row.traced_sites}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_traced_calls_add_up_and_sites_merge(backend_path: str) -> None:
+    storage.write(batch({HOUR: {("request", "/a/"): traced_aggregate(2, {"v.py:1": 100})}}))
+    storage.write(batch({HOUR: {("request", "/a/"): aggregate(3, 0)}}))  # untraced calls
+    storage.write(
+        batch({HOUR: {("request", "/a/"): traced_aggregate(1, {"v.py:1": 50, "v.py:2": 70})}})
+    )
+    got = row()
+    assert (got.calls, got.traced_calls, got.traced_retained) == (6, 3, 320)
+    assert stored(got) == {"v.py:1": 250, "v.py:2": 70}
+    assert [site["lineno"] for site in got.traced_sites] == [1, 2]  # largest first
+
+
+@pytest.mark.django_db(transaction=True)
+def test_untraced_rows_have_no_sites(backend_path: str) -> None:
+    storage.write(batch({HOUR: {("request", "/a/"): aggregate(2, 10)}}))
+    got = row()
+    assert (got.traced_calls, got.traced_retained, got.traced_sites) == (0, 0, [])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stored_sites_stay_bounded() -> None:
+    with override_settings(LEAKGUARD={"TRACE_TOP_SITES": 2}):
+        for line in range(1, 6):
+            sites = {f"v.py:{line}": line * 10}
+            storage.write(batch({HOUR: {("request", "/a/"): traced_aggregate(1, sites)}}))
+    assert stored(row()) == {"v.py:5": 50, "v.py:4": 40}
+
+
+def test_stored_sites_skip_what_is_not_a_site() -> None:
+    good = {"filename": "v.py", "lineno": 1, "line": "", "size": 5, "count": 1, "frames": []}
+    assert [site.location for site in storage.stored_sites([good, {"x": 1}, 3])] == ["v.py:1"]
+    assert storage.stored_sites(None) == []
+    assert storage.stored_sites({"filename": "v.py"}) == []
+
+
+@needs_postgres_alias
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+def test_postgres_traced_sites(postgres_url: str) -> None:
+    with override_settings(LEAKGUARD={"DATABASE": "postgres"}):
+        for _ in range(2):
+            storage.write(batch({HOUR: {("request", "/a/"): traced_aggregate(2, {"v.py:7": 9})}}))
+        got = Growth.objects.using("postgres").get()
+        assert (got.traced_calls, got.traced_retained, stored(got)) == (4, 36, {"v.py:7": 36})
+
+
+SITES_SCRIPT = r"""
+import json, sys
+config = json.loads(sys.argv[1])
+import django
+from django.conf import settings
+settings.configure(
+    DATABASES={"default": config["db"]},
+    INSTALLED_APPS=["django_leakguard"],
+    USE_TZ=True,
+    LEAKGUARD={"FLUSH_INTERVAL": 3600, "TRACE_TOP_SITES": 3},
+)
+django.setup()
+from django.db import OperationalError
+from django_leakguard import storage
+from django_leakguard.recorder import Aggregate, Batch, WorkerState
+from django_leakguard.tracing import Site, TraceResult
+from datetime import datetime, timezone
+for flush in range(config["flushes"]):
+    aggregate = Aggregate("v")
+    aggregate.add(0, None)
+    sites = (Site("v.py", 1, "", 100, 1), Site("v.py", 2, "", 10, 1))
+    aggregate.add_trace(TraceResult(110, 2, sites), 3)
+    worker = WorkerState(host="h", pid=flush, started_at=datetime.now(timezone.utc))
+    while True:
+        try:
+            storage.write(Batch({config["hour"]: {("request", "/shared/"): aggregate}}, worker))
+            break
+        except OperationalError:  # a busy SQLite file: try again
+            pass
+print("done")
+"""
+
+
+def run_site_writers(db: dict[str, Any], processes: int, flushes: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "testproject")])}
+    migrate = json.dumps({"db": db, "mode": "migrate"})
+    subprocess.run([sys.executable, "-c", SCRIPT, migrate], check=True, env=env, timeout=60)
+    work = json.dumps({"db": db, "flushes": flushes, "hour": HOUR})
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", SITES_SCRIPT, work], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for child in children:
+            out, _ = child.communicate(timeout=60)
+            assert child.returncode == 0
+            assert out.strip() == "done"
+    finally:
+        for child in children:
+            if child.poll() is None:  # pragma: no cover - only when a child hangs
+                child.kill()
+                child.wait()
+
+
+def check_sites(traced_calls: int, retained: int, sites: Any, expected_calls: int) -> None:
+    if isinstance(sites, str):
+        sites = json.loads(sites)
+    assert (traced_calls, retained) == (expected_calls, expected_calls * 110)
+    assert {(s["lineno"], s["size"]) for s in sites} == {
+        (1, expected_calls * 100),
+        (2, expected_calls * 10),
+    }
+
+
+@pytest.mark.servers
+def test_concurrent_site_merges_on_a_sqlite_file(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "db.sqlite3"
+    db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path), "OPTIONS": {"timeout": 30}}
+    run_site_writers(db, processes=4, flushes=20)
+    with sqlite3.connect(path) as conn:
+        [(calls, retained, sites)] = conn.execute(
+            "SELECT traced_calls, traced_retained, traced_sites FROM django_leakguard_growth"
+        ).fetchall()
+    check_sites(calls, retained, sites, 80)
+
+
+@pytest.mark.servers
+@pytest.mark.postgres
+def test_concurrent_site_merges_on_postgres(postgres_database: dict[str, Any]) -> None:
+    import psycopg
+
+    run_site_writers(postgres_database, processes=4, flushes=20)
+    db = postgres_database
+    with psycopg.connect(
+        host=db["HOST"],
+        port=db["PORT"] or 5432,
+        user=db["USER"],
+        dbname=db["NAME"],
+        password=db["PASSWORD"] or None,
+    ) as conn:
+        [(calls, retained, sites)] = conn.execute(
+            "SELECT traced_calls, traced_retained, traced_sites FROM django_leakguard_growth"
+        ).fetchall()
+    check_sites(calls, retained, sites, 80)

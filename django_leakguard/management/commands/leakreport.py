@@ -44,6 +44,12 @@ class Command(BaseCommand):
         parser.add_argument("--sort", choices=report.SORTS, default="heap")
         parser.add_argument("--format", choices=report.FORMATS, default="table")
         parser.add_argument(
+            "--detail",
+            metavar="KEY",
+            help="Print the top allocation sites that sampled tracing found for one URL "
+            "pattern or task, e.g. --detail /products/<int:pk>/.",
+        )
+        parser.add_argument(
             "--uwsgi-log",
             nargs="+",
             metavar="FILE",
@@ -74,6 +80,9 @@ class Command(BaseCommand):
             self._maintain(options, using, settings.RETENTION_DAYS)
             return
         now = timezone.now()
+        if options["detail"] is not None:
+            self._detail(options, now, using, settings.TRACE_TOP_SITES)
+            return
         since: dt.datetime | None = None
         log: dict[str, Any] | None = None
         if options["uwsgi_log"]:
@@ -104,6 +113,29 @@ class Command(BaseCommand):
             )
             return
         self.stdout.write(report.render(built, options["format"]), ending="")
+
+    def _detail(self, options: dict[str, Any], now: dt.datetime, using: str, top_n: int) -> None:
+        key = options["detail"]
+        if options["uwsgi_log"]:
+            raise CommandError(
+                "--detail reads the allocation sites sampled tracing stored in the database; "
+                "uWSGI logs have none."
+            )
+        since = self._since(options["since"], now)
+        try:
+            details = report.details_from_database(key, since, options["kind"], using, top_n)
+        except DatabaseError as exc:
+            raise CommandError(
+                f"Cannot read the leakguard tables in database {using!r} ({exc}). Run "
+                "'manage.py migrate django_leakguard'."
+            ) from None
+        if not details:
+            raise CommandError(
+                f"Nothing recorded for {key!r} since {since:%Y-%m-%d %H:%M %Z}. Pass the key as "
+                "leakreport lists it (a URL pattern such as /products/<int:pk>/ or a task "
+                "name), or widen --since."
+            )
+        self.stdout.write(report.render_detail(details, key, since, options["format"]), ending="")
 
     def _since(self, value: str, now: dt.datetime) -> dt.datetime:
         try:

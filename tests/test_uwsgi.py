@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from django_leakguard import uwsgi as leakguard_uwsgi
+from tests import servers
+
+
+def test_outside_uwsgi_nothing_is_installed() -> None:
+    assert leakguard_uwsgi.running_under_uwsgi() is False
+    assert leakguard_uwsgi.install() is False
+
+
+def test_install_chains_an_existing_atexit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in for the uwsgi module, which only exists inside uWSGI; the real-server test
+    # below runs the same code inside uWSGI.
+    fake = types.ModuleType("uwsgi")
+    calls: list[str] = []
+    fake.atexit = lambda: calls.append("previous")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.setattr(leakguard_uwsgi, "flush_at_exit", lambda: calls.append("flush"))
+    assert leakguard_uwsgi.install() is True
+    installed = fake.atexit  # type: ignore[attr-defined]
+    assert leakguard_uwsgi.install() is True
+    assert fake.atexit is installed  # type: ignore[attr-defined]
+    installed()
+    assert calls == ["flush", "previous"]
+
+
+def test_flush_at_exit_flushes_the_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django_leakguard import recorder
+
+    flushed: list[bool] = []
+    monkeypatch.setattr(recorder.get_recorder(), "flush", lambda: flushed.append(True) or True)
+    leakguard_uwsgi.flush_at_exit()
+    assert flushed == [True]
+
+
+@pytest.mark.servers
+def test_the_printed_snippet_makes_uwsgi_recycle_and_flush(tmp_path: Path) -> None:
+    database = tmp_path / "db.sqlite3"
+    env = servers.project_env(
+        database,
+        LEAKGUARD_MAX_REQUESTS=4,
+        LEAKGUARD_MAX_REQUESTS_JITTER=0.5,
+        LEAKGUARD_FLUSH_INTERVAL=3600,  # rows are written at worker exit only
+    )
+    servers.migrate(env)
+    snippet = servers.manage(env, "leakguard_config", "uwsgi", "--processes", "2")
+    assert "max-requests = 4\n" in snippet
+    assert "max-requests-delta = 2\n" in snippet
+    ini = tmp_path / "leakguard.ini"
+    ini.write_text(snippet)
+    (tmp_path / "uwsgi_app.py").write_text(
+        textwrap.dedent(
+            """
+            from testproject.wsgi import application
+            from django_leakguard import uwsgi
+
+            uwsgi.install()
+            """
+        )
+    )
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    port = servers.free_port()
+    command = servers.uwsgi_command(
+        "uwsgi_app:application",
+        port,
+        ini=ini,
+        # uWSGI does not recycle a worker younger than min-worker-lifetime (10 s by default).
+        extra=["--processes", "2", "--min-worker-lifetime", "1", "--lazy-apps"],
+    )
+    with servers.running(
+        "uwsgi",
+        command,
+        env=env,
+        log_path=tmp_path / "uwsgi.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/health/"),
+    ) as server:
+        time.sleep(1.2)
+        for _ in range(24):
+            status, _ = servers.get(server.url("/products/1/"))
+            assert status == 200
+        server.wait_for_log(r"Respawned uWSGI worker", count=2)
+        log = server.log()
+    served = servers.runs(servers.uwsgi_request_pids(log))
+    # The first worker 1 stops after 4 requests, the first worker 2 after 4 + 2. (Respawned
+    # workers are younger than min-worker-lifetime for a while, so they may serve more.)
+    first = dict(re.findall(r"spawned uWSGI worker (\d) \(pid: (\d+)", log))
+    retired = {
+        worker: served.get(int(pid), 0)
+        for worker, pid in first.items()
+        if f"process {pid} is done" in log
+    }
+    assert retired
+    assert all(count == {"1": 4, "2": 6}[worker] for worker, count in retired.items()), retired
+    rows = servers.manage(
+        env,
+        "shell",
+        "-c",
+        "from django_leakguard.models import Growth;"
+        "print(sum(Growth.objects.filter(key='/products/<int:pk>/')"
+        ".values_list('calls', flat=True)))",
+    )
+    assert int(rows.strip().splitlines()[-1]) >= sum(retired.values())
