@@ -10,8 +10,10 @@ class LeakGuardConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_leakguard import checks  # noqa: F401  (registers the system checks)
-        from django_leakguard import uwsgi
+        from django_leakguard import (
+            checks,  # noqa: F401  (registers the system checks)
+            uwsgi,
+        )
 
         # Under uWSGI, flush the recorder as each worker exits (uwsgi.atexit); a no-op elsewhere.
         uwsgi.install()

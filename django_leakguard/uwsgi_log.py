@@ -24,8 +24,8 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from itertools import repeat
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
@@ -348,7 +348,7 @@ class LogParser:
         if not rows:
             return
         self.request_lines += len(rows)
-        rss_values, pids, apps, reqs, dates, uris = zip(*rows)
+        rss_values, pids, apps, reqs, dates, uris = zip(*rows, strict=True)
         if self.group_by == "auto":
             self._decide_grouping(list(uris))
         elif self._zero_digits is None:
@@ -361,7 +361,7 @@ class LogParser:
         live = self._live
         resolve = self._resolve
         for pid, rss, req, app, date, group, uri in zip(
-            pids, map(int, rss_values), map(int, reqs), apps, dates, groups, uris
+            pids, map(int, rss_values), map(int, reqs), apps, dates, groups, uris, strict=True
         ):
             state = live.get(pid)
             if state is not None:

@@ -163,6 +163,7 @@ def test_json_schema() -> None:
         "key": "/leak/retain/",
         "view": "shop.views.leak_retain",
         "calls": 200,
+        "heap_calls": 200,
         "heap_growth_bytes": 13107200,
         "heap_growth_per_call_bytes": 65536,
         "heap_growth_max_bytes": 65536,
@@ -204,13 +205,13 @@ def test_csv() -> None:
     fill()
     lines = run("--format", "csv").splitlines()
     assert lines[0] == (
-        "rank,kind,key,view,calls,heap_growth_bytes,heap_growth_per_call_bytes,"
+        "rank,kind,key,view,calls,heap_calls,heap_growth_bytes,heap_growth_per_call_bytes,"
         "heap_growth_max_bytes,rss_growth_bytes,rss_growth_per_call_bytes,"
         "rss_growth_positive_bytes,rss_growth_max_bytes,rss_grew_fraction,share,"
         "traced_calls,retained_bytes,retained_per_call_bytes"
     )
     assert lines[1] == (
-        "1,request,/leak/retain/,shop.views.leak_retain,200,13107200,65536,65536,"
+        "1,request,/leak/retain/,shop.views.leak_retain,200,200,13107200,65536,65536,"
         "204800,1024,409600,65536,0.1,0.9984,0,,"
     )
     assert len(lines) == 4

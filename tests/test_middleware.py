@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -351,6 +352,9 @@ def traced(rec: Recorder) -> Iterator[Recorder]:
     rec.discard()
     views._retained.clear()
     views._small.clear()
+    # Collect this test's garbage now: freed later, during another test's requests, it would
+    # count as their negative heap growth.
+    gc.collect()
     assert not tracemalloc.is_tracing()
 
 

@@ -406,6 +406,7 @@ def traced(rec: Recorder) -> Iterator[Recorder]:
         yield rec
     rec.discard()
     KEPT.clear()
+    gc.collect()  # this test's garbage must not be freed during another test's calls
     assert not tracemalloc.is_tracing()
 
 

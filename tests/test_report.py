@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 
 import pytest
+from django.db import connections
+from django.db.utils import ConnectionHandler
 
 from django_leakguard import report
 from django_leakguard.report import Row, Workers
@@ -117,3 +121,66 @@ def test_long_keys_are_shortened_in_the_table() -> None:
     table = report.render_table(built)
     assert "/" + "x" * 58 + "…" in table
     assert "Only one worker was seen" in table
+
+
+@pytest.mark.django_db
+def test_sqlite_mmap_is_raised_for_one_query_then_restored(tmp_path: Path) -> None:
+    # A real SQLite file (the test database lives in memory, where the pragma answers nothing).
+    handler = ConnectionHandler(
+        {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "db.sqlite3")}}
+    )
+    connection = handler["default"]
+    try:
+
+        def mmap_size() -> int:
+            with connection.cursor() as cursor:
+                cursor.execute("PRAGMA mmap_size")
+                return int(cursor.fetchone()[0])
+
+        before = mmap_size()
+        with report.sqlite_mmap(connection):
+            assert mmap_size() == max(before, report.SQLITE_MMAP_SIZE)
+        assert mmap_size() == before
+    finally:
+        connection.close()
+
+
+@pytest.mark.django_db
+def test_sqlite_mmap_leaves_a_database_in_memory_alone() -> None:
+    with report.sqlite_mmap(connections["default"]):
+        pass
+
+
+# The "postgres" alias exists only with the URL; without it the postgres_url fixture skips
+# (or fails when services are required), but pytest-django would error first.
+@pytest.mark.skipif(
+    not os.environ.get("LEAKGUARD_TEST_POSTGRES_URL")
+    and os.environ.get("LEAKGUARD_REQUIRE_SERVICES") != "1",
+    reason="PostgreSQL tests need LEAKGUARD_TEST_POSTGRES_URL",
+)
+@pytest.mark.postgres
+@pytest.mark.django_db(databases=["default", "postgres"])
+def test_sqlite_mmap_leaves_other_databases_alone(postgres_url: str) -> None:
+    with report.sqlite_mmap(connections["postgres"]), connections["postgres"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+
+
+def test_heap_kept_scales_sampled_readings_to_all_calls() -> None:
+    # The recorder read the heap on 10 of 40 calls: 10 x 64 KiB read, 40 x 64 KiB kept.
+    sampled = report.Row(
+        kind="request", key="/leak/", calls=40, heap_calls=10, heap_growth=10 * 65536
+    )
+    always = report.Row(
+        kind="request", key="/other/", calls=40, heap_calls=40, heap_growth=40 * 1000
+    )
+    unread = report.Row(kind="request", key="/none/", calls=40)
+    assert sampled.heap_per_call == 65536
+    assert sampled.heap_kept == 40 * 65536
+    assert always.heap_kept == 40 * 1000
+    assert unread.heap_kept == 0
+    ranked = report.build_report(
+        [always, sampled], report.Workers(), source="database", since=None, until=None
+    )
+    assert [row.key for row in ranked.rows] == ["/leak/", "/other/"]
+    assert ranked.total_heap_growth == 40 * 65536 + 40 * 1000

@@ -352,3 +352,25 @@ def test_a_real_uwsgi_log_is_parsed(tmp_path: Path) -> None:
     assert retain.rss_growth > 15 * 1024 * 1024
     assert summary.groups["/products/<int:pk>/"].calls == 5
     assert summary.workers == 1
+
+
+def test_tiny_caches_give_the_same_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [
+        line(1, 1, 1000, "/a%20b/1/"),
+        line(1, 2, 1100, "/a%20b/1/"),
+        line(1, 3, 1300, "/files/0123abcd99/"),
+        line(1, 4, 1200, "/files/feed4567aa/"),
+        line(1, 5, 1700, "/a%20b/2/"),
+        line(1, 6, 1800, "/items/7/?page=2"),
+        line(2, 1, 5000, "/items/8/"),
+    ]
+    escaped = line(1, 7, 1900, "/a%20b/3/")
+    expected = parse(*lines, *lines[1:6], escaped).groups
+    monkeypatch.setattr(uwsgi_log, "PATH_CACHE_SIZE", 1)
+    parser = LogParser("pattern")
+    parser.feed_bytes(b"".join(lines))
+    # Every URI is cached by now (or the tiny caches were cleared): the second chunk too.
+    parser.feed_bytes(b"".join(lines[1:6]))
+    parser.feed_bytes(escaped)  # a chunk whose only miss has %-escapes
+    assert parser.summary().groups == expected
+    assert set(expected) == {"/a b/<int>/", "/files/<hex>/", "/items/<int>/"}
