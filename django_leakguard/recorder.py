@@ -252,19 +252,23 @@ class Recorder:
         cost = self._heap_cost
         return cost <= HEAP_PROBE_BUDGET or random.random() * cost < HEAP_PROBE_BUDGET
 
-    def begin(self) -> Call:
-        """Sample memory and register a call in flight."""
+    def begin(self, *, read_heap: bool = False) -> Call:
+        """Sample memory and register a call in flight.
+
+        read_heap=True reads the heap whatever it costs: for calls such as Celery tasks, whose
+        duration dwarfs a reading, and whose small numbers a sampled heap would leave unread.
+        """
         try:
             rss = memory.rss()
-            heap = self._time_heap() if self._reads_heap() else None
+            heap = self._time_heap() if read_heap or self._reads_heap() else None
             with self._lock:
-                n = self._in_flight
-                if n:
-                    self._rss_share += (rss - self._last_rss) / n
+                in_flight = self._in_flight
+                if in_flight:
+                    self._rss_share += (rss - self._last_rss) / in_flight
                 self._last_rss = rss
-                self._in_flight = n + 1
+                self._in_flight = in_flight + 1
                 heap_share = None
-                if heap is not None:
+                if heap is not None and self._has_heap:
                     n = self._heap_in_flight
                     if n:
                         self._heap_share += (heap - self._last_heap) / n
@@ -276,7 +280,7 @@ class Recorder:
                     worker.rss_first = rss
                     worker.heap_first = heap
                 call = Call(self._generation, self._rss_share, heap_share)
-                lost = self._sample(call, n) if self._tracing else None
+                lost = self._sample(call, in_flight) if self._tracing else None
             if lost is not None:
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
             return call
@@ -600,7 +604,7 @@ def _flush_at_exit() -> None:
 class _SuspendedRecorder(Recorder):
     """Records nothing: what get_recorder() returns inside suspended()."""
 
-    def begin(self) -> Call:
+    def begin(self, *, read_heap: bool = False) -> Call:
         return Call(-1, 0.0, None)
 
     def end(self, call: Call, kind: str, key: str, view: str = "") -> None:

@@ -142,7 +142,11 @@ def assert_leak_ranked_first(env: dict[str, str], kind: str) -> list[dict[str, A
     rows = [row for row in data["rows"] if row["kind"] == kind]  # type: ignore[attr-defined]
     keys = [row["key"] for row in rows]
     assert keys, data
-    assert keys[0] in LEAKS | TASK_LEAKS, keys
+    summary = [
+        (row["key"], row["calls"], row["heap_calls"], row["heap_growth_per_call_bytes"])
+        for row in rows
+    ]
+    assert keys[0] in LEAKS | TASK_LEAKS, summary
     transient = TRANSIENT if kind == "request" else TASK_TRANSIENT
     if len(keys) > 3:
         assert transient not in keys[:3], keys
@@ -178,7 +182,11 @@ def test_gunicorn(
         port=port,
         ready=lambda server: server.wait_for_log(r"django-leakguard: worker \d+", count=2),
     ) as server:
-        send(server, paths, clients)
+        # The spikes go one at a time. Memory is process-wide: a 20 MiB allocation freed while
+        # other threads' requests are in flight is split among them (docs/recording, "Threads
+        # and async"), noise far above a 64 KiB leak. Everything else runs concurrently.
+        send(server, [path for path in paths if path != TRANSIENT], clients)
+        send(server, [path for path in paths if path == TRANSIENT], 1)
         server.wait_for_log(r"ACCESS pid", count=len(paths))
         log = server.log()
     assert "Autorestarting worker after current request" in log

@@ -195,6 +195,37 @@ def test_heap_is_read_by_a_fraction_of_calls_when_it_is_costly(
     assert aggregate.calls == 300
     assert aggregate.heap_calls < 30
     assert rec.in_flight == 0
+    # Calls that ask for it (Celery tasks) read the heap whatever it costs.
+    for _ in range(20):
+        rec.end(rec.begin(read_heap=True), "task", "tasks.costly")
+    assert totals(rec)["task", "tasks.costly"].heap_calls == 20
+
+
+def test_a_first_costly_heap_reading_does_not_starve_the_heap_signal(rec: Recorder) -> None:
+    if not memory.heap_available():
+        pytest.skip("glibc mallinfo2 is not available here")
+    # A reading slowed by page faults after a fork: the next cheap reading replaces it.
+    rec._heap_cost = 1.0
+    rec._time_heap()
+    assert rec._heap_cost < 1e-3
+
+
+def test_a_traced_call_is_never_started_beside_an_unread_one(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first call does not read the heap, the second does: the second still sees the first
+    # in flight and is not traced.
+    reads = iter([False, True])
+    monkeypatch.setattr(rec, "_reads_heap", lambda: next(reads))
+    first = rec.begin()  # TRACE_SAMPLE_RATE is 0 here: not traced
+    with override_settings(LEAKGUARD={"TRACE_SAMPLE_RATE": 1.0}):
+        second = rec.begin()
+        assert first.trace is None
+        assert first.heap_share is None
+        assert second.heap_share is not None
+        assert second.trace is None
+        rec.end(second, "request", "/b/")
+        rec.end(first, "request", "/a/")
 
 
 def test_pending_hours_are_bounded(
