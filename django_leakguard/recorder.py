@@ -47,6 +47,8 @@ PRUNE_EVERY = 24 * 3600.0
 # in a bare interpreter, several µs in a large application). When a reading costs more than
 # this, only a random fraction budget/cost of the calls read the heap; heap_calls counts them.
 HEAP_PROBE_BUDGET = 1.0e-6
+# Keys whose first (warm-up) call is left out of the heap signal; past it, none is left out.
+WARM_KEYS_MAX = 4096
 # Recording errors are logged at most once per this many seconds.
 ERROR_LOG_INTERVAL = 60.0
 
@@ -224,6 +226,7 @@ class Recorder:
             for _ in range(3):
                 self._time_heap()
         self._pending: Pending = {}
+        self._warmed: set[tuple[str, str]] = set()  # keys whose warm-up call has ended
         self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
         self._worker = WorkerState(
             host=socket.gethostname()[:255], pid=os.getpid(), started_at=_now()
@@ -361,6 +364,14 @@ class Recorder:
                     self._last_heap = heap
                     self._heap_in_flight = n - 1
                     heap_growth = round(self._heap_share - call.heap_share)  # type: ignore[operator]
+                warmed = self._warmed
+                if (kind, key) not in warmed and len(warmed) < WARM_KEYS_MAX:
+                    # The first call of a key in a process fills what every process fills
+                    # once (URL resolver and template caches, lazy imports, allocator pools):
+                    # warm-up, not a leak. Recycled workers repeat it, so it would rank a
+                    # transient pattern among the leaks. It counts as a call, not in the heap.
+                    warmed.add((kind, key))
+                    heap_growth = None
                 bucket = self._pending.get(hour)
                 if bucket is None:
                     bucket = self._new_bucket(hour)

@@ -105,8 +105,10 @@ def test_serial_requests_keep_known_memory(rec: Recorder) -> None:
     aggregate = totals(rec)["request", "/leak/retain/"]
     assert aggregate.calls == 40
     if memory.heap_available():
+        # The first call in this (fresh) recorder is the key's warm-up: not in the heap signal.
+        assert aggregate.heap_calls == 39
         # 64 KiB kept per request, plus the list's growth and allocator headers.
-        assert 40 * 64 * 1024 <= aggregate.heap_growth <= 40 * 66 * 1024
+        assert 39 * 64 * 1024 <= aggregate.heap_growth <= 39 * 66 * 1024
 
 
 def test_heap_growth_ranks_the_retaining_view_above_the_transient_one(rec: Recorder) -> None:

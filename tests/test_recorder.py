@@ -21,8 +21,9 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
-    """The process recorder, emptied, reading the heap at every call."""
+    """The process recorder, emptied, reading the heap at every call, with no warm-up call."""
     monkeypatch.setattr(recorder, "HEAP_PROBE_BUDGET", float("inf"))
+    monkeypatch.setattr(recorder, "WARM_KEYS_MAX", 0)
     instance = get_recorder()
     instance.discard()
     yield instance
@@ -719,3 +720,23 @@ def test_suspended_records_nothing_and_restores_the_recorder(rec: Recorder) -> N
         assert inner.flush() is True
     assert get_recorder() is rec
     assert rec.pending() == {}
+
+
+def test_the_first_call_of_a_key_is_warm_up_for_the_heap(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not memory.heap_available():
+        pytest.skip("glibc mallinfo2 is not available here")
+    monkeypatch.setattr(recorder, "WARM_KEYS_MAX", 2)
+    kept: list[bytes] = []
+    for _ in range(3):
+        for key in ("/a/", "/b/", "/c/"):
+            call = rec.begin()
+            kept.append(os.urandom(MiB))
+            rec.end(call, "request", key)
+    found = totals(rec)
+    # /a/ and /b/ had a warm-up call left out of the heap; past the bound, /c/ had none.
+    assert [found["request", key].calls for key in ("/a/", "/b/", "/c/")] == [3, 3, 3]
+    assert [found["request", key].heap_calls for key in ("/a/", "/b/", "/c/")] == [2, 2, 3]
+    assert MiB <= found["request", "/a/"].heap_growth / 2 <= MiB + 64 * 1024
+    del kept
