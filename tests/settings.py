@@ -27,6 +27,12 @@ DATABASES: dict[str, dict[str, object]] = {
 POSTGRES_URL = os.environ.get("LEAKGUARD_TEST_POSTGRES_URL", "")
 if POSTGRES_URL:
     DATABASES["postgres"] = database_from_url(POSTGRES_URL)
+    # tox runs environments side by side on one server: a test database of each one's own.
+    env_name = os.environ.get("TOX_ENV_NAME", "").replace("-", "_")
+    if env_name:
+        DATABASES["postgres"]["TEST"] = {
+            "NAME": f"test_{DATABASES['postgres']['NAME']}_{env_name}"
+        }
 
 USE_TZ = True
 TIME_ZONE = "UTC"

@@ -89,6 +89,8 @@ def test_bad_settings_raise_at_worker_start(app: Celery) -> None:
         apply_limits(FakeWorker(app))
 
 
+# Celery's Django fixup runs Django's checks at worker start; Django 6 checks the database too.
+@pytest.mark.django_db
 def test_the_step_applies_limits_before_the_pool_is_created(app: Celery) -> None:
     # Celery's worker blueprint: every step's __init__ runs before any step's create().
     configure(app)

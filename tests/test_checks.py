@@ -640,6 +640,8 @@ def test_w007_silent_without_limits_on_solo() -> None:
 # manage.py check
 
 
+# Django 6 runs the database checks in `check` too (JSONField support on SQLite).
+@pytest.mark.django_db
 @override_settings(MIDDLEWARE=[], SILENCED_SYSTEM_CHECKS=["leakguard.W008", "leakguard.W001"])
 def test_silenced_system_checks_silence_them(isolated: Path) -> None:
     (isolated / "gunicorn.conf.py").write_text("workers = 2\n")
@@ -649,6 +651,7 @@ def test_silenced_system_checks_silence_them(isolated: Path) -> None:
     assert "2 silenced" in stdout.getvalue()
 
 
+@pytest.mark.django_db
 @override_settings(MIDDLEWARE=[])
 def test_manage_py_check_prints_warnings(isolated: Path) -> None:
     (isolated / "uwsgi.ini").write_text("[uwsgi\nbroken\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+import sys
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -55,6 +56,9 @@ def site(location: str, size: int, count: int = 1, line: str = "x = 1", **kw: ob
 def test_retain_view_traced_within_ten_percent_and_blamed_on_its_line(client: Client) -> None:
     for _ in range(3):  # first calls fill caches (URL resolving, lazy imports)
         client.get("/leak/retain/")
+    # The leak is 64 KiB plus, now and then, the list's own pointer array when it grows (it
+    # holds every block earlier tests kept): that growth is retained too.
+    list_before = sys.getsizeof(views._retained)
     trace = tracing.start_trace()
     assert trace is not None
     assert tracemalloc.is_tracing()
@@ -63,9 +67,10 @@ def test_retain_view_traced_within_ten_percent_and_blamed_on_its_line(client: Cl
     del response
     result = trace.stop(top_n=5)
     assert not tracemalloc.is_tracing()
+    leak = views.RETAIN_BYTES + sys.getsizeof(views._retained) - list_before
 
     assert result is not None
-    assert abs(result.retained - views.RETAIN_BYTES) <= 0.10 * views.RETAIN_BYTES, result
+    assert abs(result.retained - leak) <= 0.10 * views.RETAIN_BYTES, result
     top = result.sites[0]
     assert top.filename == "shop/views.py"
     assert top.lineno == line_of("_retained.append(os.urandom(RETAIN_BYTES))")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import gzip
 import http.client
 import io
@@ -374,3 +375,99 @@ def test_tiny_caches_give_the_same_groups(monkeypatch: pytest.MonkeyPatch) -> No
     parser.feed_bytes(escaped)  # a chunk whose only miss has %-escapes
     assert parser.summary().groups == expected
     assert set(expected) == {"/a b/<int>/", "/files/<hex>/", "/items/<int>/"}
+
+
+# The fast path (FAST_LINE) and the full regular expression must agree ---------------------
+
+ODD_LINES = [
+    # Shapes the fast path reads.
+    line(1, 1, 1000),
+    line(1, 2, 1100, "/a/?x=1"),
+    # Whitespace other than spaces in the client, method or URI: REQUEST_LINE's \S differs.
+    line(1, 3, 1300).replace(b"10.0.0.1", b"10.0.0.1\t"),
+    line(1, 4, 1400, "/a/\x0bb/"),
+    line(1, 5, 1500).replace(b"GET", b"G\x0cET"),
+    # A user name with spaces and brackets, a date with a carriage return.
+    line(1, 6, 1700).replace(b"(alice)", b"(al ice [x] {y})"),
+    line(1, 7, 1800).replace(b"Sat Nov", b"Sat\rNov"),
+    # Shapes only REQUEST_LINE reads: negative counters, memory-report = 2.
+    line(2, 1, 5000, app=-1),
+    line(2, -1, 5100),
+    line(2, 3, 5300).replace(
+        b"} [pid", b"} {uss usage: 1 bytes/0MB} {pss usage: 2 bytes/0MB} [pid"
+    ),
+    # Not request lines at all, or broken ones.
+    line(1, 8, 1900).replace(b" bytes/0MB} [pid", b" bytes/xMB} [pid"),
+    b"{rss usage: 12 bytes/0MB} and nothing else\n",
+    b"spawned uWSGI worker 1 (pid: 1, cores: 1)\n",
+]
+
+
+def reference(*lines: bytes) -> uwsgi_log.LogSummary:
+    """Parse with REQUEST_LINE alone (a FAST_LINE that never reads a line)."""
+    original = uwsgi_log.FAST_LINE
+    uwsgi_log.FAST_LINE = uwsgi_log.re.compile(rb"\{rss usage: ()()()()()()")
+    try:
+        return parse(*lines)
+    finally:
+        uwsgi_log.FAST_LINE = original
+
+
+@pytest.mark.parametrize("odd", ODD_LINES)
+def test_fast_path_agrees_with_the_regular_expression(odd: bytes) -> None:
+    lines = [line(1, 100, 900, "/b/"), odd, line(1, 101, 950, "/c/1/"), line(3, 1, 10)]
+    fast, slow = parse(*lines), reference(*lines)
+    assert fast == slow
+    assert slow.lines == 4
+
+
+def test_fast_path_reads_plain_lines() -> None:
+    lines = [line(1, 1, 1000), line(1, 2, 1100, "/a/?x=1"), ODD_LINES[5]]
+    parser = LogParser("pattern")
+    assert len(uwsgi_log.FAST_LINE.findall(b"".join(lines))[0]) == 6
+    parser.feed_bytes(b"".join(lines))
+    assert parser.summary() == reference(*lines)
+
+
+def test_fallback_is_taken_for_the_whole_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    findall = uwsgi_log.REQUEST_LINE.findall
+
+    class Spy:
+        def findall(self, data: bytes, start: int, end: int) -> list[tuple[bytes, ...]]:
+            calls.append(end - start)
+            return findall(data, start, end)
+
+    monkeypatch.setattr(uwsgi_log, "REQUEST_LINE", Spy())
+    parse(line(1, 1, 1000), line(1, 2, 1100))
+    assert calls == []
+    summary = parse(line(1, 1, 1000), line(1, 2, 1100, "/a\t/"), line(1, 3, 1200))
+    assert len(calls) == 1
+    assert summary.groups["/a/"].calls == 1
+
+
+def test_parse_logs_leaves_a_disabled_collector_disabled() -> None:
+    gc.disable()
+    try:
+        parse_logs([str(FIXTURE)], "pattern")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    parse_logs([str(FIXTURE)], "pattern")
+    assert gc.isenabled()
+
+
+def test_intervals_and_dates_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uwsgi_log, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(uwsgi_log, "PATH_CACHE_SIZE", 1)
+    lines = [
+        line(pid, 1, 1000).replace(b"09:05:00", f"09:05:0{pid}".encode()) for pid in range(1, 6)
+    ]
+    undated = line(9, 1, 1000).replace(b"Sat Nov  1 09:05:00 2025", b"yesterday")
+    summary = parse(*lines, undated)
+    assert summary.workers == 6
+    # The oldest intervals were dropped: only the last workers are counted at once.
+    assert summary.workers_at_once == 1
+    assert summary.first_date is not None
+    assert summary.last_date is not None
+    assert summary.last_date - summary.first_date == 4
