@@ -240,7 +240,6 @@ def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "defa
         s_heap_calls=Sum("heap_calls"),
         s_heap_growth=Sum("heap_growth"),
         m_heap_growth_max=Max("heap_growth_max"),
-        m_view=Max("view"),
         s_traced_calls=Sum("traced_calls"),
         s_traced_retained=Sum("traced_retained"),
     )
@@ -258,12 +257,32 @@ def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "defa
             heap_calls=entry["s_heap_calls"] or 0,
             heap_growth=entry["s_heap_growth"] or 0,
             heap_growth_max=entry["m_heap_growth_max"] or 0,
-            view=entry["m_view"] or "",
             traced_calls=entry["s_traced_calls"] or 0,
             traced_retained=entry["s_traced_retained"] or 0,
         )
         for entry in entries
     ]
+
+
+def fill_views(rows: Sequence[Row], since: dt.datetime, using: str = "default") -> None:
+    """Set the view of each row from its latest hourly row: one index look-up per row shown.
+
+    Reading the views in the ranking query costs SQLite a string per stored row; the table
+    shows a few rows.
+    """
+    from django_leakguard.models import Growth
+
+    start = floor_hour(since)
+    for row in rows:
+        view = (
+            Growth.objects.using(using)
+            .filter(kind=row.kind, key=row.key, hour__gte=start)
+            .exclude(view="")
+            .order_by("-hour")
+            .values_list("view", flat=True)
+            .first()
+        )
+        row.view = view or ""
 
 
 def workers_from_database(

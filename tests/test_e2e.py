@@ -216,7 +216,7 @@ def test_uwsgi(tmp_path: Path, database: str) -> None:
     snippet = servers.manage(env, "leakguard_config", "uwsgi", "--processes", "2")
     delta = int(re.search(r"^max-requests-delta = (\d+)", snippet, re.MULTILINE).group(1))  # type: ignore[union-attr]
     ini = tmp_path / "uwsgi.ini"
-    # uWSGI never recycles a worker younger than min-worker-lifetime (60 s by default).
+    # uWSGI never recycles a worker younger than min-worker-lifetime (10 s by default).
     ini.write_text(snippet + "processes = 2\nmin-worker-lifetime = 0\n")
     paths, expected = plan(400, seed=5)
     port = servers.free_port()

@@ -104,6 +104,8 @@ class Command(BaseCommand):
             available=memory.available_memory(),
             log=log,
         )
+        if log is None and since is not None:
+            report.fill_views(built.rows, since, using)
         if since is not None and not rows and options["format"] == "table":
             self.stdout.write(
                 f"No memory growth recorded since {since:%Y-%m-%d %H:%M %Z}. Add "
