@@ -428,6 +428,8 @@ def test_worker_over_memory_limit_is_replaced_after_its_request_and_user_hooks_c
         retirements = 4 if worker_class == "sync" else 2
         server.wait_for_log(r"retiring it after this request", count=retirements)
         server.wait_for_log(r"user worker_exit ran in", count=retirements)
+        # post_request runs after the access line is written.
+        server.wait_for_log(r"user post_request ran in", count=8)
         log = server.log()
     served = _lifetimes(log)
     assert sum(served.values()) == 8
