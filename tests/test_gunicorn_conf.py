@@ -361,6 +361,8 @@ def test_workers_recycle_after_max_requests_with_jitter(
     ) as server:
         _hammer(server, 150, clients=clients)
         server.wait_for_log("Autorestarting worker after current request", count=4)
+        # A retiring worker logs its exit a moment after it stops accepting requests.
+        server.wait_for_log(r"Worker exiting \(pid: \d+\)", count=4)
         log = server.log()
     # Every worker announced its own limit, between max_requests and max_requests + jitter.
     limits = {
