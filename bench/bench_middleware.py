@@ -70,6 +70,22 @@ class ProbesOnlyMiddleware:
         return response
 
 
+class RssOnlyMiddleware:
+    """The two rss() reads alone: what the RSS signal costs inside a request."""
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from django_leakguard import memory
+
+        self.get_response = get_response
+        self.rss = memory.rss
+
+    def __call__(self, request: Any) -> Any:
+        self.rss()
+        response = self.get_response(request)
+        self.rss()
+        return response
+
+
 def setup() -> None:
     import django
     from django.conf import settings
@@ -160,6 +176,7 @@ def main() -> None:
         "LeakGuardMiddleware": handler(["django_leakguard.middleware.LeakGuardMiddleware"]),
         "naive psutil middleware": handler([f"{__name__}.PsutilMiddleware"]),
         "probe reads only": handler([f"{__name__}.ProbesOnlyMiddleware"]),
+        "two rss() reads only": handler([f"{__name__}.RssOnlyMiddleware"]),
     }
     for serve in variants.values():  # warm up
         time_round(serve, 500)

@@ -219,12 +219,16 @@ class Recorder:
         self._last_rss = 0
         self._last_heap = 0
         self._has_heap = memory.heap_available()
-        self._heap_cost = 0.0  # estimated cost of one heap() reading, in seconds
+        self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
         if self._has_heap:
-            # The first readings after a fork pay for copy-on-write page faults: keep the
-            # cheapest of a few, or an outlier would starve the heap signal for a long time.
+            # The first readings after a fork pay for copy-on-write page faults: start from
+            # the cheapest of a few, or an outlier would starve the heap signal for a long time.
+            costs = []
             for _ in range(3):
-                self._time_heap()
+                start = time.perf_counter()
+                memory.heap()
+                costs.append(time.perf_counter() - start)
+            self._heap_cost = min(costs)
         self._pending: Pending = {}
         self._warmed: set[tuple[str, str]] = set()  # keys whose warm-up call has ended
         self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
@@ -243,10 +247,11 @@ class Recorder:
         start = time.perf_counter()
         heap = memory.heap()
         cost = time.perf_counter() - start
-        # Falls at once to a cheaper reading and rises slowly: a preempted or page-faulting
-        # reading must not lower the share of calls that read the heap.
+        # A moving average of the readings as requests really see them (slower than in a tight
+        # loop); a reading slowed by preemption or page faults counts as at most 4 times the
+        # average, so one outlier cannot starve the heap signal.
         previous = self._heap_cost
-        self._heap_cost = cost if not previous or cost < previous else min(cost, previous * 1.05)
+        self._heap_cost = cost if not previous else 0.9 * previous + 0.1 * min(cost, 4 * previous)
         return heap
 
     def _reads_heap(self) -> bool:
