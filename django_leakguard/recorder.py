@@ -555,6 +555,14 @@ class Recorder:
         """The latest (rss, heap) sample; heap is 0 when unavailable."""
         return self._last_rss, self._last_heap
 
+    def totals(self) -> dict[tuple[str, str], Aggregate]:
+        """Return the aggregates not written yet per (kind, key), all hours merged."""
+        merged: dict[tuple[str, str], Aggregate] = {}
+        for bucket in self.pending().values():
+            for name, aggregate in bucket.items():
+                merged.setdefault(name, Aggregate(aggregate.view)).merge(aggregate)
+        return merged
+
     def discard(self) -> None:
         """Forget everything not flushed and start afresh (for tests)."""
         self._reset()

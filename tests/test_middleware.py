@@ -22,7 +22,7 @@ from shop import views
 from django_leakguard import memory, recorder
 from django_leakguard.middleware import LeakGuardMiddleware, request_key
 from django_leakguard.models import Growth
-from django_leakguard.recorder import UNMATCHED, Aggregate, Recorder, get_recorder
+from django_leakguard.recorder import UNMATCHED, Recorder, get_recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,14 +52,6 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     instance.discard()
 
 
-def totals(rec: Recorder) -> dict[tuple[str, str], Aggregate]:
-    merged: dict[tuple[str, str], Aggregate] = {}
-    for bucket in rec.pending().values():
-        for name, aggregate in bucket.items():
-            merged.setdefault(name, Aggregate(aggregate.view)).merge(aggregate)
-    return merged
-
-
 @override_settings(ROOT_URLCONF=__name__)
 def test_keys_are_full_routes_never_paths(rec: Recorder) -> None:
     client = Client()
@@ -68,7 +60,7 @@ def test_keys_are_full_routes_never_paths(rec: Recorder) -> None:
     assert client.get("/products/5/").status_code == 200
     assert client.get("/no/such/page/?token=secret").status_code == 404
     assert client.get("/").status_code == 200
-    assert {key: a.view for (_, key), a in totals(rec).items()} == {
+    assert {key: a.view for (_, key), a in rec.totals().items()} == {
         "/api/<int:version>/items/<slug:slug>/": "tests.test_middleware.nested_view",
         "/api/<int:version>/old/(?P<n>\\d+)": "tests.test_middleware.nested_view",
         "/products/<int:pk>/": "shop.views.product",
@@ -92,7 +84,7 @@ def test_requests_that_do_not_flush_run_no_query(
     with django_assert_num_queries(0):  # type: ignore[operator]
         for _ in range(20):
             client.get("/products/1/")
-    assert totals(rec)["request", "/products/<int:pk>/"].calls == 20
+    assert rec.totals()["request", "/products/<int:pk>/"].calls == 20
 
 
 def test_serial_requests_keep_known_memory(rec: Recorder) -> None:
@@ -102,7 +94,7 @@ def test_serial_requests_keep_known_memory(rec: Recorder) -> None:
     rec.discard()
     for _ in range(40):
         assert client.get("/leak/retain/").status_code == 200
-    aggregate = totals(rec)["request", "/leak/retain/"]
+    aggregate = rec.totals()["request", "/leak/retain/"]
     assert aggregate.calls == 40
     if memory.heap_available():
         # The first call in this (fresh) recorder is the key's warm-up: not in the heap signal.
@@ -119,9 +111,9 @@ def test_heap_growth_ranks_the_retaining_view_above_the_transient_one(rec: Recor
         client.get("/spike/")
         client.get("/leak/retain/")
         client.get("/products/3/")
-    by_heap = sorted(totals(rec).items(), key=lambda item: item[1].heap_growth, reverse=True)
+    by_heap = sorted(rec.totals().items(), key=lambda item: item[1].heap_growth, reverse=True)
     assert by_heap[0][0] == ("request", "/leak/retain/")
-    spike = totals(rec)["request", "/spike/"]
+    spike = rec.totals()["request", "/spike/"]
     assert spike.heap_growth < 30 * 64 * 1024 / 4
     assert spike.rss_growth_max >= 0
 
@@ -134,7 +126,7 @@ def test_async_views_and_async_middleware(rec: Recorder) -> None:
         return sum(codes)
 
     assert async_to_sync(get)() == 6 * 200
-    aggregates = totals(rec)
+    aggregates = rec.totals()
     assert aggregates["request", "/health/"].calls == 5
     assert aggregates["request", "/health/"].view == "shop.views.health"
     assert aggregates["request", "/products/<int:pk>/"].calls == 1
@@ -184,7 +176,7 @@ def test_view_exceptions_propagate_unchanged(rec: Recorder) -> None:
     with pytest.raises(RuntimeError, match="boom: a view that fails"):
         Client().get("/boom/")
     assert Client(raise_request_exception=False).get("/boom/").status_code == 500
-    assert totals(rec)["request", "/boom/"].calls == 2
+    assert rec.totals()["request", "/boom/"].calls == 2
     assert rec.in_flight == 0
 
 
@@ -194,7 +186,7 @@ def test_exceptions_from_inner_middleware_propagate_and_are_recorded(rec: Record
 
     with pytest.raises(KeyError, match="inner"):
         LeakGuardMiddleware(failing)(HttpRequest())
-    assert totals(rec)["request", UNMATCHED].calls == 1
+    assert rec.totals()["request", UNMATCHED].calls == 1
 
 
 def test_record_false_records_nothing(rec: Recorder) -> None:
@@ -220,7 +212,7 @@ def test_ten_thousand_random_urls_keep_the_keys_bounded(rec: Recorder) -> None:
     for _ in range(5_000):
         client.get(f"/{chance.getrandbits(64):x}/{chance.random()}?q={chance.random()}")
         client.get(f"/products/{chance.getrandbits(30)}/?utm={chance.random()}")
-    aggregates = totals(rec)
+    aggregates = rec.totals()
     assert set(aggregates) == {("request", UNMATCHED), ("request", "/products/<int:pk>/")}
     assert sum(a.calls for a in aggregates.values()) == 10_000
 
@@ -367,7 +359,7 @@ def test_traced_retain_is_within_ten_percent_and_blames_its_line(traced: Recorde
     for _ in range(10):
         assert client.get("/leak/retain/").status_code == 200
     line = views_line("_retained.append(os.urandom(RETAIN_BYTES))")
-    aggregate = totals(traced)["request", "/leak/retain/"]
+    aggregate = traced.totals()["request", "/leak/retain/"]
     assert (aggregate.calls, aggregate.traced_calls) == (10, 10)
     per_call = aggregate.traced_retained / aggregate.traced_calls
     assert abs(per_call - views.RETAIN_BYTES) <= 0.10 * views.RETAIN_BYTES, per_call
@@ -391,7 +383,7 @@ def test_small_objects_are_caught_by_tracing_though_the_heap_misses_them(
     client = Client()
     for _ in range(20):
         client.get("/leak/small/")
-    aggregate = totals(traced)["request", "/leak/small/"]
+    aggregate = traced.totals()["request", "/leak/small/"]
     assert aggregate.traced_calls == 20
     retained_per_call = aggregate.traced_retained / aggregate.traced_calls
     heap_per_call = aggregate.heap_growth / aggregate.heap_calls
@@ -420,11 +412,11 @@ def test_two_concurrent_requests_are_never_traced_together(traced: Recorder) -> 
             release.set()
             thread.join(10)
     assert codes == [200]
-    merged = totals(traced)
+    merged = traced.totals()
     assert (merged["request", "/wait/"].calls, merged["request", "/wait/"].traced_calls) == (1, 0)
     assert merged["request", "/leak/retain/"].traced_calls == 0
     Client().get("/leak/retain/")  # alone again: traced
-    assert totals(traced)["request", "/leak/retain/"].traced_calls == 1
+    assert traced.totals()["request", "/leak/retain/"].traced_calls == 1
 
 
 def test_threaded_requests_keep_only_samples_of_calls_alone(traced: Recorder) -> None:
@@ -449,7 +441,7 @@ def test_threaded_requests_keep_only_samples_of_calls_alone(traced: Recorder) ->
     for thread in threads:
         thread.join(60)
     assert not errors
-    merged = totals(traced)
+    merged = traced.totals()
     retain, small = merged["request", "/leak/retain/"], merged["request", "/leak/small/"]
     assert retain.calls == small.calls == 80
     # A sample of one key never holds the other's leak: no two requests were traced together.
@@ -467,5 +459,5 @@ def test_async_requests_are_traced(traced: Recorder) -> None:
             await client.get("/health/")
 
     async_to_sync(get)()
-    aggregate = totals(traced)["request", "/health/"]
+    aggregate = traced.totals()["request", "/health/"]
     assert (aggregate.calls, aggregate.traced_calls) == (3, 3)

@@ -31,14 +31,6 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     instance.discard()
 
 
-def totals(rec: Recorder) -> dict[tuple[str, str], Aggregate]:
-    merged: dict[tuple[str, str], Aggregate] = {}
-    for bucket in rec.pending().values():
-        for name, aggregate in bucket.items():
-            merged.setdefault(name, Aggregate(aggregate.view)).merge(aggregate)
-    return merged
-
-
 def test_get_recorder_is_one_per_process() -> None:
     assert get_recorder() is get_recorder()
 
@@ -55,7 +47,7 @@ def test_serial_growth_is_the_exact_delta(rec: Recorder) -> None:
         mappings.append(mapping)
         kept.append(os.urandom(MiB))
         rec.end(call, "request", "/keep/", "tests.keep")
-    aggregate = totals(rec)["request", "/keep/"]
+    aggregate = rec.totals()["request", "/keep/"]
     assert aggregate.calls == 5
     assert aggregate.view == "tests.keep"
     assert 5 * 4 * MiB <= aggregate.rss_growth <= 5 * (6 * MiB)
@@ -76,7 +68,7 @@ def test_one_serial_call_gets_exactly_the_change_between_its_samples(rec: Record
     block = os.urandom(2 * MiB)
     rec.end(call, "request", "/one/")
     rss1, heap1 = rec.last_sample
-    aggregate = totals(rec)["request", "/one/"]
+    aggregate = rec.totals()["request", "/one/"]
     assert aggregate.rss_growth == rss1 - rss0
     if memory.heap_available():
         assert aggregate.heap_growth == heap1 - heap0
@@ -120,7 +112,7 @@ def run_threads(rec: Recorder) -> None:
     rec.end(holder, "request", "/holder/")
     rss1, heap1 = rec.last_sample
     assert rec.in_flight == 0
-    aggregates = totals(rec)
+    aggregates = rec.totals()
     calls = sum(a.calls for a in aggregates.values())
     assert calls == 8 * 20 + 1
     # Each call's share is rounded to a byte: the sum may differ by half a byte per call.
@@ -136,7 +128,7 @@ def test_keys_are_bounded(rec: Recorder) -> None:
         for i in range(10_000):
             rec.end(rec.begin(), "request", f"/k/{i}/", "tests.view")
         rec.end(rec.begin(), "task", "a.task")
-    aggregates = totals(rec)
+    aggregates = rec.totals()
     assert len(aggregates) == 51 + 1  # 50 keys, "<other>" for requests and for tasks
     assert aggregates["request", OTHER].calls == 10_000 - 50
     assert aggregates["request", OTHER].view == ""
@@ -146,9 +138,9 @@ def test_keys_are_bounded(rec: Recorder) -> None:
 
 def test_long_keys_are_cut_to_the_column_size(rec: Recorder) -> None:
     rec.end(rec.begin(), "request", "/" + "x" * 400, "v" * 400)
-    [(kind, key)] = totals(rec)
+    [(kind, key)] = rec.totals()
     assert len(key) == 255
-    assert len(totals(rec)[kind, key].view) == 255
+    assert len(rec.totals()[kind, key].view) == 255
 
 
 def test_second_end_and_ends_after_discard_are_ignored(rec: Recorder) -> None:
@@ -193,14 +185,14 @@ def test_heap_is_read_by_a_fraction_of_calls_when_it_is_costly(
     monkeypatch.setattr(recorder, "HEAP_PROBE_BUDGET", 1e-12)
     for _ in range(300):
         rec.end(rec.begin(), "request", "/cheap/")
-    aggregate = totals(rec)["request", "/cheap/"]
+    aggregate = rec.totals()["request", "/cheap/"]
     assert aggregate.calls == 300
     assert aggregate.heap_calls < 30
     assert rec.in_flight == 0
     # Calls that ask for it (Celery tasks) read the heap whatever it costs.
     for _ in range(20):
         rec.end(rec.begin(read_heap=True), "task", "tasks.costly")
-    assert totals(rec)["task", "tasks.costly"].heap_calls == 20
+    assert rec.totals()["task", "tasks.costly"].heap_calls == 20
 
 
 def test_a_costly_heap_reading_does_not_starve_the_heap_signal(
@@ -300,7 +292,7 @@ def test_fork_child_starts_empty(rec: Recorder) -> None:
     os.waitpid(pid, 0)
     assert answer == "True ['/child/'] True 1"
     rec.end(in_flight, "request", "/parent/")
-    assert totals(rec)["request", "/parent/"].calls == 2
+    assert rec.totals()["request", "/parent/"].calls == 2
     assert rec.worker.pid == os.getpid()
 
 
@@ -477,7 +469,7 @@ def test_rate_zero_costs_one_attribute_check(
         call = rec.begin()
         assert call.trace is None
         rec.end(call, "request", "/a/")
-    assert totals(rec)["request", "/a/"].traced_calls == 0
+    assert rec.totals()["request", "/a/"].traced_calls == 0
 
 
 def test_a_traced_call_records_what_it_kept(traced: Recorder) -> None:
@@ -491,7 +483,7 @@ def test_a_traced_call_records_what_it_kept(traced: Recorder) -> None:
     traced.end(call, "request", "/kept/")
     assert not tracemalloc.is_tracing()
     assert traced.traced_call is None
-    aggregate = totals(traced)["request", "/kept/"]
+    aggregate = traced.totals()["request", "/kept/"]
     assert (aggregate.calls, aggregate.traced_calls) == (1, 1)
     assert 64 * 1024 <= aggregate.traced_retained <= 1.1 * 64 * 1024
     top = aggregate.traced_sites[0]
@@ -509,7 +501,7 @@ def test_sites_per_key_are_bounded(traced: Recorder) -> None:
             KEPT.append(os.urandom(2048))
             KEPT.append(os.urandom(1024))
             traced.end(call, "request", "/three/")
-    aggregate = totals(traced)["request", "/three/"]
+    aggregate = traced.totals()["request", "/three/"]
     assert aggregate.traced_calls == 3
     assert len(aggregate.traced_sites) == 2
     sizes = [site.size for site in aggregate.traced_sites]
@@ -527,14 +519,14 @@ def test_a_call_that_begins_during_a_trace_discards_it(traced: Recorder) -> None
     assert not tracemalloc.is_tracing()  # and tracing's cost ends at once
     traced.end(second, "request", "/second/")
     traced.end(first, "request", "/first/")
-    merged = totals(traced)
+    merged = traced.totals()
     assert merged["request", "/first/"].traced_calls == 0
     assert merged["request", "/second/"].traced_calls == 0
     # Nothing in flight again: the next call is sampled.
     third = traced.begin()
     assert third.trace is not None
     traced.end(third, "request", "/third/")
-    assert totals(traced)["request", "/third/"].traced_calls == 1
+    assert traced.totals()["request", "/third/"].traced_calls == 1
 
 
 def test_a_call_that_begins_after_the_snapshot_drops_the_sample(
@@ -554,7 +546,7 @@ def test_a_call_that_begins_after_the_snapshot_drops_the_sample(
     call = traced.begin()
     traced.end(call, "request", "/a/")
     traced.end(others[0], "request", "/b/")
-    assert totals(traced)["request", "/a/"].traced_calls == 0
+    assert traced.totals()["request", "/a/"].traced_calls == 0
 
 
 def test_threads_are_never_traced_together(traced: Recorder) -> None:
@@ -585,7 +577,7 @@ def test_threads_are_never_traced_together(traced: Recorder) -> None:
         release.set()
         thread.join(10)
     traced.end(other, "request", "/main/")
-    merged = totals(traced)
+    merged = traced.totals()
     assert merged["request", "/thread/"].traced_calls == 0
     assert merged["request", "/main/"].traced_calls == 0
 
@@ -611,7 +603,7 @@ def test_many_threads_only_trace_calls_alone(traced: Recorder) -> None:
         thread.join(60)
     assert not errors
     for key, size in sizes.items():
-        aggregate = totals(traced)["request", key]
+        aggregate = traced.totals()["request", key]
         assert aggregate.calls == 400
         if aggregate.traced_calls:
             # One call's block (plus the list's growth, the bytes header), never two.
@@ -630,7 +622,7 @@ def test_a_users_own_tracemalloc_is_left_alone(traced: Recorder) -> None:
         assert tracemalloc.is_tracing()
     finally:
         tracemalloc.stop()
-    assert totals(traced)["request", "/a/"].traced_calls == 0
+    assert traced.totals()["request", "/a/"].traced_calls == 0
 
 
 def test_a_trace_stopped_by_someone_else_is_lost(traced: Recorder) -> None:
@@ -639,7 +631,7 @@ def test_a_trace_stopped_by_someone_else_is_lost(traced: Recorder) -> None:
     call = traced.begin()
     tracemalloc.stop()
     traced.end(call, "request", "/a/")
-    aggregate = totals(traced)["request", "/a/"]
+    aggregate = traced.totals()["request", "/a/"]
     assert (aggregate.calls, aggregate.traced_calls) == (1, 0)
 
 
@@ -666,7 +658,7 @@ def test_settings_are_read_again_when_they_change(rec: Recorder) -> None:
     call = rec.begin()
     assert call.trace is None
     rec.end(call, "request", "/a/")
-    assert totals(rec)["request", "/a/"].traced_calls == 1
+    assert rec.totals()["request", "/a/"].traced_calls == 1
 
 
 def test_invalid_settings_trace_nothing(rec: Recorder) -> None:
@@ -675,7 +667,7 @@ def test_invalid_settings_trace_nothing(rec: Recorder) -> None:
         assert call.trace is None
         rec.end(call, "request", "/a/")
         assert rec._tracing is False
-    assert totals(rec)["request", "/a/"].calls == 1
+    assert rec.totals()["request", "/a/"].calls == 1
 
 
 def test_traced_totals_survive_a_failed_flush_and_are_written(
@@ -692,7 +684,7 @@ def test_traced_totals_survive_a_failed_flush_and_are_written(
 
     monkeypatch.setattr(storage, "write", fail)
     assert traced.flush() is False
-    aggregate = totals(traced)["request", "/a/"]
+    aggregate = traced.totals()["request", "/a/"]
     assert aggregate.traced_calls == 1
     assert aggregate.traced_sites[0].size >= 16384
 
@@ -751,7 +743,7 @@ def test_the_first_call_of_a_key_is_warm_up_for_the_heap(
             call = rec.begin()
             kept.append(os.urandom(MiB))
             rec.end(call, "request", key)
-    found = totals(rec)
+    found = rec.totals()
     # /a/ and /b/ had a warm-up call left out of the heap; past the bound, /c/ had none.
     assert [found["request", key].calls for key in ("/a/", "/b/", "/c/")] == [3, 3, 3]
     assert [found["request", key].heap_calls for key in ("/a/", "/b/", "/c/")] == [2, 2, 3]

@@ -248,14 +248,15 @@ print("done")
 """
 
 
-def run_processes(db: dict[str, Any], processes: int, calls: int, flushes: int) -> None:
+def run_children(db: dict[str, Any], processes: int, script: str, work: dict[str, Any]) -> None:
+    """Migrate db, then run script with work in processes children at once; all must succeed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "testproject")])}
     migrate = json.dumps({"db": db, "mode": "migrate"})
     subprocess.run([sys.executable, "-c", SCRIPT, migrate], check=True, env=env, timeout=60)
-    work = json.dumps({"db": db, "mode": "work", "calls": calls, "flushes": flushes})
+    payload = json.dumps({"db": db, **work})
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, work], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", script, payload], env=env, stdout=subprocess.PIPE, text=True
         )
         for _ in range(processes)
     ]
@@ -269,6 +270,10 @@ def run_processes(db: dict[str, Any], processes: int, calls: int, flushes: int) 
             if child.poll() is None:  # pragma: no cover - only when a child hangs
                 child.kill()
                 child.wait()
+
+
+def run_processes(db: dict[str, Any], processes: int, calls: int, flushes: int) -> None:
+    run_children(db, processes, SCRIPT, {"mode": "work", "calls": calls, "flushes": flushes})
 
 
 def check_totals(
@@ -446,26 +451,7 @@ print("done")
 
 
 def run_site_writers(db: dict[str, Any], processes: int, flushes: int) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "testproject")])}
-    migrate = json.dumps({"db": db, "mode": "migrate"})
-    subprocess.run([sys.executable, "-c", SCRIPT, migrate], check=True, env=env, timeout=60)
-    work = json.dumps({"db": db, "flushes": flushes, "hour": HOUR})
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", SITES_SCRIPT, work], env=env, stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(processes)
-    ]
-    try:
-        for child in children:
-            out, _ = child.communicate(timeout=60)
-            assert child.returncode == 0
-            assert out.strip() == "done"
-    finally:
-        for child in children:
-            if child.poll() is None:  # pragma: no cover - only when a child hangs
-                child.kill()
-                child.wait()
+    run_children(db, processes, SITES_SCRIPT, {"flushes": flushes, "hour": HOUR})
 
 
 def check_sites(traced_calls: int, retained: int, sites: Any, expected_calls: int) -> None:
