@@ -8,13 +8,15 @@ import datetime as dt
 import io
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models import QuerySet
 
+    from django_leakguard.models import Growth
     from django_leakguard.tracing import Site
     from django_leakguard.uwsgi_log import LogSummary
 
@@ -215,10 +217,9 @@ def sqlite_mmap(connection: BaseDatabaseWrapper) -> Iterator[None]:
             cursor.execute(f"PRAGMA mmap_size = {previous:d}")
 
 
-def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "default") -> list[Row]:
-    """Sum the hourly growth rows from the hour that contains since."""
-    from django.db import connections
-    from django.db.models import Max, Min, Sum
+def _window(since: dt.datetime, kind: str, using: str) -> QuerySet[Growth]:
+    """Return the growth rows from the hour that contains since, of one kind or all."""
+    from django.db.models import Min
 
     from django_leakguard.models import Growth
 
@@ -231,58 +232,99 @@ def rows_from_database(since: dt.datetime, kind: str = "all", using: str = "defa
         queryset = queryset.filter(hour__gte=start)
     if kind != "all":
         queryset = queryset.filter(kind=kind)
-    sums = queryset.values("kind", "key").annotate(
-        s_calls=Sum("calls"),
-        s_rss_growth=Sum("rss_growth"),
-        s_rss_growth_positive=Sum("rss_growth_positive"),
-        s_rss_grew_calls=Sum("rss_grew_calls"),
-        m_rss_growth_max=Max("rss_growth_max"),
-        s_heap_calls=Sum("heap_calls"),
-        s_heap_growth=Sum("heap_growth"),
-        m_heap_growth_max=Max("heap_growth_max"),
-        s_traced_calls=Sum("traced_calls"),
-        s_traced_retained=Sum("traced_retained"),
+    return queryset
+
+
+def rows_from_database(
+    since: dt.datetime, kind: str = "all", using: str = "default", *, traced: bool = True
+) -> list[Row]:
+    """Sum the hourly growth rows from the hour that contains since: the ranking's figures.
+
+    Only what ranks, filters and totals every key is summed here (calls, net RSS and heap
+    growth, heap calls; traced calls and retained bytes when traced, which --sort retained
+    needs): each sum costs SQLite a step per stored row. The figures only the rows shown need
+    (positive RSS growth, calls that grew, the largest growths, the view; the traced figures
+    when not traced) stay 0 or empty until fill_rows() reads them.
+    """
+    from django.db import connections
+    from django.db.models import Sum
+
+    names = ["calls", "rss_growth", "heap_calls", "heap_growth"]
+    if traced:
+        names += ["traced_calls", "traced_retained"]
+    sums = (
+        _window(since, kind, using)
+        .values("kind", "key")
+        .annotate(**{f"s_{name}": Sum(name) for name in names})
     )
     with sqlite_mmap(connections[using]):
-        entries = list(sums)
-    return [
-        Row(
-            kind=entry["kind"],
-            key=entry["key"],
-            calls=entry["s_calls"] or 0,
-            rss_growth=entry["s_rss_growth"] or 0,
-            rss_growth_positive=entry["s_rss_growth_positive"] or 0,
-            rss_grew_calls=entry["s_rss_grew_calls"] or 0,
-            rss_growth_max=entry["m_rss_growth_max"] or 0,
-            heap_calls=entry["s_heap_calls"] or 0,
-            heap_growth=entry["s_heap_growth"] or 0,
-            heap_growth_max=entry["m_heap_growth_max"] or 0,
-            traced_calls=entry["s_traced_calls"] or 0,
-            traced_retained=entry["s_traced_retained"] or 0,
-        )
-        for entry in entries
-    ]
+        entries: list[Mapping[str, Any]] = list(sums)
+    rows = []
+    for entry in entries:
+        figures: dict[str, Any] = {name: entry[f"s_{name}"] or 0 for name in names}
+        rows.append(Row(entry["kind"], entry["key"], **figures))
+    return rows
 
 
-def fill_views(rows: Sequence[Row], since: dt.datetime, using: str = "default") -> None:
-    """Set the view of each row from its latest hourly row: one index look-up per row shown.
+# Above this many rows shown, fill_rows() reads the whole window rather than list the keys.
+FILL_KEYS_MAX = 100
 
-    Reading the views in the ranking query costs SQLite a string per stored row; the table
-    shows a few rows.
+
+def fill_rows(
+    rows: Sequence[Row], since: dt.datetime, using: str = "default", *, traced: bool = False
+) -> None:
+    """Complete the rows shown with the figures rows_from_database() leaves out, in one query.
+
+    traced: also read the traced calls and retained bytes (when rows_from_database() was
+    told not to). The query is limited to the kinds and keys of the rows (a few range scans
+    of the (kind, key, hour) index) and reads each key's view from its latest hourly row
+    that has one (one index look-up per key).
     """
+    if not rows:
+        return
+    from django.db import connections
+    from django.db.models import Max, OuterRef, Subquery, Sum
+
     from django_leakguard.models import Growth
 
     start = floor_hour(since)
+    queryset = Growth.objects.using(using).filter(
+        hour__gte=start, kind__in=sorted({row.kind for row in rows})
+    )
+    if len(rows) <= FILL_KEYS_MAX:
+        queryset = queryset.filter(key__in=sorted({row.key for row in rows}))
+    latest_view = (
+        Growth.objects.using(using)
+        .filter(kind=OuterRef("kind"), key=OuterRef("key"), hour__gte=start)
+        .exclude(view="")
+        .order_by("-hour")
+        .values("view")[:1]
+    )
+    figures: dict[str, Sum | Max] = {
+        "rss_growth_positive": Sum("rss_growth_positive"),
+        "rss_grew_calls": Sum("rss_grew_calls"),
+        "rss_growth_max": Max("rss_growth_max"),
+        "heap_growth_max": Max("heap_growth_max"),
+    }
+    if traced:
+        figures.update(traced_calls=Sum("traced_calls"), traced_retained=Sum("traced_retained"))
+    # The view in an annotate() of its own: with the sums, Django would group by it too,
+    # and SQLite would run the subquery for every row rather than for every key.
+    sums = (
+        queryset.values("kind", "key")
+        .annotate(**{f"f_{name}": aggregate for name, aggregate in figures.items()})
+        .annotate(f_view=Subquery(latest_view))
+    )
+    with sqlite_mmap(connections[using]):
+        entries: list[Mapping[str, Any]] = list(sums)
+    found = {(entry["kind"], entry["key"]): entry for entry in entries}
     for row in rows:
-        view = (
-            Growth.objects.using(using)
-            .filter(kind=row.kind, key=row.key, hour__gte=start)
-            .exclude(view="")
-            .order_by("-hour")
-            .values_list("view", flat=True)
-            .first()
-        )
-        row.view = view or ""
+        entry = found.get((row.kind, row.key))
+        if entry is None:  # deleted (pruned, reset) since the ranking query
+            continue
+        for name in figures:
+            setattr(row, name, entry[f"f_{name}"] or 0)
+        row.view = entry["f_view"] or ""
 
 
 def workers_from_database(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connections
@@ -184,3 +185,129 @@ def test_heap_kept_scales_sampled_readings_to_all_calls() -> None:
     )
     assert [row.key for row in ranked.rows] == ["/leak/", "/other/"]
     assert ranked.total_heap_growth == 40 * 65536 + 40 * 1000
+
+
+POSTGRES = pytest.param(
+    "postgres",
+    marks=[
+        pytest.mark.skipif(
+            not os.environ.get("LEAKGUARD_TEST_POSTGRES_URL")
+            and os.environ.get("LEAKGUARD_REQUIRE_SERVICES") != "1",
+            reason="PostgreSQL tests need LEAKGUARD_TEST_POSTGRES_URL",
+        ),
+        pytest.mark.postgres,
+        pytest.mark.django_db(databases=["default", "postgres"]),
+    ],
+)
+DATABASES = pytest.mark.parametrize(
+    "using", [pytest.param("default", marks=pytest.mark.django_db), POSTGRES]
+)
+SINCE = NOW - dt.timedelta(hours=24)
+START = report.floor_hour(SINCE)
+
+
+def store(using: str) -> None:
+    """Hourly rows around the window that starts at SINCE, one field per figure."""
+    from django_leakguard.models import Growth
+
+    def add(kind: str, key: str, hours: int, view: str = "", **figures: int) -> None:
+        Growth.objects.using(using).create(
+            kind=kind, key=key, hour=START + dt.timedelta(hours=hours), view=view, **figures
+        )
+
+    every: dict[str, Any] = {
+        "calls": 10,
+        "rss_growth": 5,
+        "rss_growth_positive": 7,
+        "rss_grew_calls": 2,
+        "rss_growth_max": 4,
+        "heap_calls": 8,
+        "heap_growth": 100,
+        "heap_growth_max": 30,
+        "traced_calls": 1,
+        "traced_retained": 50,
+    }
+    # Before the window: counted nowhere, its view is not the latest in the window.
+    outside: dict[str, Any] = dict.fromkeys(every, 10**6)
+    add("request", "/a/", -1, "old.outside", **outside)
+    add("request", "/a/", 0, "a.older", **every)
+    add("request", "/a/", 1, "a.latest", **{**every, "rss_growth_max": 9, "heap_growth_max": 3})
+    add("request", "/a/", 2, **{**every, "rss_growth": -20})  # the latest hour has no view
+    add("task", "/a/", 1, "task.view", **dict.fromkeys(every, 3))
+    add("request", "/b/", 0, calls=1, rss_growth_positive=1)
+    add("task", "t", 0, "t.view", calls=2, rss_grew_calls=1)
+
+
+A_RANKING: dict[str, Any] = {
+    "calls": 30,
+    "rss_growth": -10,
+    "heap_calls": 24,
+    "heap_growth": 300,
+    "traced_calls": 3,
+    "traced_retained": 150,
+}
+A_SHOWN: dict[str, Any] = {
+    "rss_growth_positive": 21,
+    "rss_grew_calls": 6,
+    "rss_growth_max": 9,
+    "heap_growth_max": 30,
+    "view": "a.latest",
+}
+
+
+@DATABASES
+def test_rows_from_database_sums_what_ranks_every_key(using: str) -> None:
+    store(using)
+    rows = sorted(report.rows_from_database(SINCE, using=using), key=lambda r: (r.kind, r.key))
+    assert rows == [
+        Row("request", "/a/", **A_RANKING),
+        Row("request", "/b/", calls=1),
+        Row("task", "/a/", calls=3, rss_growth=3, heap_calls=3, heap_growth=3, traced_calls=3,
+            traced_retained=3),
+        Row("task", "t", calls=2),
+    ]  # fmt: skip
+    tasks = report.rows_from_database(SINCE, kind="task", using=using)
+    assert sorted(row.key for row in tasks) == ["/a/", "t"]
+    # Without the traced figures (what every --sort but retained ranks by).
+    untraced = report.rows_from_database(SINCE, kind="request", using=using, traced=False)
+    assert sorted(untraced, key=lambda r: r.key) == [
+        Row("request", "/a/", **{**A_RANKING, "traced_calls": 0, "traced_retained": 0}),
+        Row("request", "/b/", calls=1),
+    ]
+
+
+@DATABASES
+@pytest.mark.parametrize(("keys_max", "traced"), [(report.FILL_KEYS_MAX, False), (1, True)])
+def test_fill_rows_completes_the_rows_shown_only(
+    using: str, keys_max: int, traced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # keys_max 1: more rows shown than keys listed, so the query reads the whole window.
+    monkeypatch.setattr(report, "FILL_KEYS_MAX", keys_max)
+    store(using)
+    ranked = report.rows_from_database(SINCE, using=using, traced=not traced)
+    rows = {(row.kind, row.key): row for row in ranked}
+    shown = [rows["request", "/a/"], rows["task", "t"], rows["request", "/b/"]]
+    report.fill_rows(shown, SINCE, using, traced=traced)
+    assert shown == [
+        Row("request", "/a/", **A_RANKING, **A_SHOWN),
+        Row("task", "t", calls=2, rss_grew_calls=1, view="t.view"),
+        Row("request", "/b/", calls=1, rss_growth_positive=1),
+    ]
+    # Not shown, so not read (this task shares its key with a row shown).
+    assert rows["task", "/a/"].view == ""
+    assert rows["task", "/a/"].rss_growth_positive == 0
+
+
+@pytest.mark.django_db
+def test_fill_rows_without_rows_reads_nothing(
+    django_assert_num_queries: Any,
+) -> None:
+    with django_assert_num_queries(0):
+        report.fill_rows([], SINCE)
+
+
+@pytest.mark.django_db
+def test_fill_rows_leaves_a_key_deleted_since_the_ranking_alone() -> None:
+    row = Row("request", "/gone/", calls=5)
+    report.fill_rows([row], SINCE)
+    assert row == Row("request", "/gone/", calls=5)
