@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -29,6 +30,30 @@ def leak_retain(mib: int = 1, note: str | None = None) -> int:
         _retained.append(os.urandom(RETAIN_BYTES))
     _note_pid(note)
     return len(_retained)
+
+
+@functools.lru_cache(maxsize=None)  # noqa: UP033  (the unbounded cache is the point)
+def _report_for(day: int) -> bytes:
+    return os.urandom(64 * 1024)
+
+
+@shared_task
+def leak_cache(day: int, note: str | None = None) -> int:
+    """Fill an lru_cache without maxsize: 64 KiB kept per new day."""
+    size = len(_report_for(day))
+    _note_pid(note)
+    return size
+
+
+_history: list[bytes] = []
+
+
+@shared_task
+def leak_history(note: str | None = None) -> int:
+    """Keep 16 KiB of history per call: a slower leak."""
+    _history.append(os.urandom(16 * 1024))
+    _note_pid(note)
+    return len(_history)
 
 
 @shared_task
