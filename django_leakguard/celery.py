@@ -117,17 +117,11 @@ def apply_limits(worker: Any) -> None:
     )
 
 
-def _recording() -> bool:
-    try:
-        return conf.get_settings().RECORD
-    except Exception:  # a bad setting fails the worker start, never a task
-        return False
-
-
 def _task_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
-    if task_id is None or task is None or not _recording():
+    from django_leakguard.recorder import get_recorder, recording
+
+    if task_id is None or task is None or not recording():
         return
-    from django_leakguard.recorder import get_recorder
 
     if len(_calls) >= _MAX_IN_FLIGHT:
         _calls.pop(next(iter(_calls)), None)

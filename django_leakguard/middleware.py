@@ -8,18 +8,9 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponseBase
 
-from django_leakguard import conf
-from django_leakguard.recorder import UNMATCHED, get_recorder
+from django_leakguard.recorder import UNMATCHED, get_recorder, recording
 
 REQUEST = "request"
-
-
-def recording() -> bool:
-    """Return LEAKGUARD["RECORD"]; False when the setting is invalid (checks report it)."""
-    try:
-        return conf.get_settings().RECORD
-    except Exception:
-        return False
 
 
 def request_key(request: HttpRequest) -> tuple[str, str]:

@@ -276,7 +276,7 @@ class Recorder:
                 self._last_rss = rss
                 self._in_flight = in_flight + 1
                 heap_share = None
-                if heap is not None and self._has_heap:
+                if heap is not None:
                     n = self._heap_in_flight
                     if n:
                         self._heap_share += (heap - self._last_heap) / n
@@ -369,18 +369,19 @@ class Recorder:
                     self._last_heap = heap
                     self._heap_in_flight = n - 1
                     heap_growth = round(self._heap_share - call.heap_share)  # type: ignore[operator]
+                name = (kind, key)
                 warmed = self._warmed
-                if (kind, key) not in warmed and len(warmed) < WARM_KEYS_MAX:
+                if name not in warmed and len(warmed) < WARM_KEYS_MAX:
                     # The first call of a key in a process fills what every process fills
                     # once (URL resolver and template caches, lazy imports, allocator pools):
                     # warm-up, not a leak. Recycled workers repeat it, so it would rank a
                     # transient pattern among the leaks. It counts as a call, not in the heap.
-                    warmed.add((kind, key))
+                    warmed.add(name)
                     heap_growth = None
                 bucket = self._pending.get(hour)
                 if bucket is None:
                     bucket = self._new_bucket(hour)
-                aggregate = bucket.get((kind, key))
+                aggregate = bucket.get(name)
                 if aggregate is None:
                     aggregate = self._new_aggregate(bucket, hour, kind, key, view)
                 aggregate.add(round(self._rss_share - call.rss_share), heap_growth)
@@ -599,6 +600,14 @@ def _now() -> datetime:
 
 _recorder: Recorder | None = None
 _recorder_lock = threading.Lock()
+
+
+def recording() -> bool:
+    """Return LEAKGUARD["RECORD"]; False when the setting is invalid (the checks report it)."""
+    try:
+        return conf.get_settings().RECORD
+    except Exception:  # a bad setting never fails a request or a task
+        return False
 
 
 def get_recorder() -> Recorder:

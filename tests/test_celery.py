@@ -164,7 +164,11 @@ def test_in_flight_calls_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @override_settings(LEAKGUARD={"RECORD": "yes"})
 def test_a_bad_setting_never_fails_a_task() -> None:
-    assert leakguard_celery._recording() is False
+    from django_leakguard.recorder import recording
+
+    assert recording() is False
+    leakguard_celery._task_prerun(task_id="t-1", task=object())
+    assert "t-1" not in leakguard_celery._calls
 
 
 # Real Celery workers.
