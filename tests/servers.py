@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -314,6 +315,39 @@ def get(url: str, timeout: float = 10) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Connection": "close"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return int(response.status), response.read().decode(errors="replace")
+
+
+def get_all(
+    server: Server,
+    paths: Sequence[str],
+    clients: int = 1,
+    timeout: float = 30,
+    join_timeout: float = 120,
+) -> list[str]:
+    """GET every path, in order, from clients threads; return the failures (empty when all 200)."""
+    failures: list[str] = []
+    lock = threading.Lock()
+    queue = list(reversed(paths))
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                path = queue.pop()
+            try:
+                status, _ = get(server.url(path), timeout=timeout)
+                if status != 200:
+                    failures.append(f"{path}: status {status}")
+            except Exception as exc:
+                failures.append(f"{path}: {exc!r}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(join_timeout)
+    return failures
 
 
 def access_pids(log: str) -> list[int]:

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import threading
 import time
 import uuid
 from collections import Counter
@@ -91,29 +90,7 @@ def plan(total: int, seed: int = 3) -> tuple[list[str], Counter[str]]:
 
 def send(server: servers.Server, paths: list[str], clients: int) -> None:
     """GET every path from clients threads; every request must succeed."""
-    failures: list[str] = []
-    lock = threading.Lock()
-    queue = list(reversed(paths))
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                path = queue.pop()
-            try:
-                status, _ = servers.get(server.url(path), timeout=30)
-                if status != 200:
-                    failures.append(f"{path}: status {status}")
-            except Exception as exc:
-                failures.append(f"{path}: {exc!r}")
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert failures == []
+    assert servers.get_all(server, paths, clients) == []
 
 
 def report(env: dict[str, str]) -> dict[str, object]:

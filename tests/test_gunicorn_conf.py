@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import textwrap
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,29 +304,7 @@ def _hammer(
     server: servers.Server, total: int, clients: int = 1, path: str = "/products/1/"
 ) -> None:
     """Send total GETs from clients threads; every one must succeed."""
-    failures: list[str] = []
-    lock = threading.Lock()
-    remaining = [total]
-
-    def client() -> None:
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            try:
-                status, _ = servers.get(server.url(path))
-                if status != 200:
-                    failures.append(f"status {status}")
-            except Exception as exc:
-                failures.append(repr(exc))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert failures == []
+    assert servers.get_all(server, [path] * total, clients, timeout=10, join_timeout=60) == []
 
 
 def _lifetimes(log: str) -> dict[int, int]:

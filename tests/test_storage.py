@@ -221,7 +221,8 @@ def test_postgres_upsert(postgres_url: str) -> None:
 
 # Concurrent processes ---------------------------------------------------------------------
 
-SCRIPT = r"""
+# What every child process starts with: Django on the database and LEAKGUARD it is given.
+SETUP = r"""
 import json, os, sys
 config = json.loads(sys.argv[1])
 import django
@@ -230,10 +231,15 @@ settings.configure(
     DATABASES={"default": config["db"]},
     INSTALLED_APPS=["django_leakguard"],
     USE_TZ=True,
-    LEAKGUARD={"FLUSH_INTERVAL": 3600, "MAX_KEYS": 10},
+    LEAKGUARD={"FLUSH_INTERVAL": 3600, **config.get("leakguard", {})},
 )
 django.setup()
-if config["mode"] == "migrate":
+"""
+
+SCRIPT = (
+    SETUP
+    + r"""
+if config.get("mode") == "migrate":
     from django.core.management import call_command
     call_command("migrate", verbosity=0)
     sys.exit(0)
@@ -246,6 +252,7 @@ for flush in range(config["flushes"]):
         pass
 print("done")
 """
+)
 
 
 def run_children(db: dict[str, Any], processes: int, script: str, work: dict[str, Any]) -> None:
@@ -273,7 +280,8 @@ def run_children(db: dict[str, Any], processes: int, script: str, work: dict[str
 
 
 def run_processes(db: dict[str, Any], processes: int, calls: int, flushes: int) -> None:
-    run_children(db, processes, SCRIPT, {"mode": "work", "calls": calls, "flushes": flushes})
+    work = {"mode": "work", "calls": calls, "flushes": flushes, "leakguard": {"MAX_KEYS": 10}}
+    run_children(db, processes, SCRIPT, work)
 
 
 def check_totals(
@@ -417,18 +425,9 @@ def test_postgres_traced_sites(postgres_url: str) -> None:
         assert (got.traced_calls, got.traced_retained, stored(got)) == (4, 36, {"v.py:7": 36})
 
 
-SITES_SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-import django
-from django.conf import settings
-settings.configure(
-    DATABASES={"default": config["db"]},
-    INSTALLED_APPS=["django_leakguard"],
-    USE_TZ=True,
-    LEAKGUARD={"FLUSH_INTERVAL": 3600, "TRACE_TOP_SITES": 3},
-)
-django.setup()
+SITES_SCRIPT = (
+    SETUP
+    + r"""
 from django.db import OperationalError
 from django_leakguard import storage
 from django_leakguard.recorder import Aggregate, Batch, WorkerState
@@ -448,10 +447,12 @@ for flush in range(config["flushes"]):
             pass
 print("done")
 """
+)
 
 
 def run_site_writers(db: dict[str, Any], processes: int, flushes: int) -> None:
-    run_children(db, processes, SITES_SCRIPT, {"flushes": flushes, "hour": HOUR})
+    work = {"flushes": flushes, "hour": HOUR, "leakguard": {"TRACE_TOP_SITES": 3}}
+    run_children(db, processes, SITES_SCRIPT, work)
 
 
 def check_sites(traced_calls: int, retained: int, sites: Any, expected_calls: int) -> None:
