@@ -8,6 +8,11 @@ between its end and its begin. Serially this is the exact delta of the call; wit
 async the shares of all calls add up to the process's change over the time calls were in flight,
 so nothing is counted twice.
 
+A call that begins while no other call is in flight, less than REUSE_WINDOW after the previous
+call's closing sample, takes that sample as its own first one instead of reading memory again:
+under load a worker serves calls back to back, and the reading costs more than what it would
+separate (the server's work between two calls, which this attributes to the next call).
+
 With LEAKGUARD["TRACE_SAMPLE_RATE"] above 0, that share of the calls that begin while no other
 call is in flight are traced with tracemalloc (see tracing); a traced call's sample is dropped
 as soon as another call begins in the process, so two calls are never traced together.
@@ -49,6 +54,10 @@ PRUNE_EVERY = 24 * 3600.0
 HEAP_PROBE_BUDGET = 1.0e-6
 # Keys whose first (warm-up) call is left out of the heap signal; past it, none is left out.
 WARM_KEYS_MAX = 4096
+# A call that begins alone within this many seconds of the previous call's closing sample
+# reuses it (see the module docstring); after a longer pause it reads memory afresh, so that
+# what background threads do while the process is idle is not charged to the next call.
+REUSE_WINDOW = 0.002
 # Recording errors are logged at most once per this many seconds.
 ERROR_LOG_INTERVAL = 60.0
 
@@ -218,6 +227,9 @@ class Recorder:
         self._heap_in_flight = 0  # calls in flight that read the heap
         self._last_rss = 0
         self._last_heap = 0
+        # When the latest closing sample was taken (monotonic), and whether it read the heap.
+        self._closed_at = float("-inf")
+        self._closed_heap = False
         self._has_heap = memory.heap_available()
         self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
         if self._has_heap:
@@ -267,10 +279,29 @@ class Recorder:
         duration dwarfs a reading, and whose small numbers a sampled heap would leave unread.
         """
         try:
-            rss = memory.rss()
-            heap = self._time_heap() if read_heap or self._reads_heap() else None
+            reads_heap = read_heap or self._reads_heap()
+            # Unlocked first look: reuse the previous call's closing sample when it is fresh and
+            # holds what this call reads; confirmed under the lock below.
+            reuse = (
+                not self._in_flight
+                and time.monotonic() - self._closed_at < REUSE_WINDOW
+                and (self._closed_heap or not reads_heap)
+            )
+            rss = heap = None
+            if not reuse:
+                rss = memory.rss()
+                heap = self._time_heap() if reads_heap else None
             with self._lock:
                 in_flight = self._in_flight
+                if rss is None:
+                    if in_flight or (reads_heap and not self._closed_heap):
+                        # Another call began or ended meanwhile: read after all (rarely).
+                        rss = memory.rss()
+                        heap = self._time_heap() if reads_heap else None
+                    else:
+                        # The latest sample is a closing one, at most REUSE_WINDOW old.
+                        rss = self._last_rss
+                        heap = self._last_heap if reads_heap else None
                 if in_flight:
                     self._rss_share += (rss - self._last_rss) / in_flight
                 self._last_rss = rss
@@ -394,6 +425,8 @@ class Recorder:
                 if heap is not None:
                     worker.heap_last = heap
                 worker.calls += 1
+                self._closed_at = time.monotonic()
+                self._closed_heap = heap is not None and not self._heap_in_flight
         except Exception:
             self._errors.exception("LeakGuard could not record a call")
 

@@ -81,6 +81,118 @@ def test_one_serial_call_gets_exactly_the_change_between_its_samples(rec: Record
     del block
 
 
+class CountingProbes:
+    """Wrap the real probes to count the readings (they still read this process's memory)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rss = self.heap = 0
+        real_rss, real_heap = memory.rss, memory.heap
+
+        def rss() -> int:
+            self.rss += 1
+            return real_rss()
+
+        def heap() -> int | None:
+            self.heap += 1
+            return real_heap()
+
+        monkeypatch.setattr(memory, "rss", rss)
+        monkeypatch.setattr(memory, "heap", heap)
+
+
+def test_back_to_back_calls_reuse_the_closing_sample(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 60.0)
+    probes = CountingProbes(monkeypatch)
+    for _ in range(10):
+        rec.end(rec.begin(), "request", "/a/")
+    # One reading to begin with, then one per call: each call begins with the previous end's.
+    assert probes.rss == 11
+    if memory.heap_available():
+        assert probes.heap == 11
+    assert rec.totals()["request", "/a/"].calls == 10
+
+
+def test_growth_between_back_to_back_calls_goes_to_the_next_call(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 60.0)
+    rec.end(rec.begin(), "request", "/first/")
+    rss0, heap0 = rec.last_sample
+    between = os.urandom(2 * MiB)  # allocated by "the server" between two calls
+    rec.end(rec.begin(), "request", "/next/")
+    rss1, heap1 = rec.last_sample
+    aggregate = rec.totals()["request", "/next/"]
+    # The next call's first sample is the first call's last: it gets everything since.
+    assert aggregate.rss_growth == rss1 - rss0
+    if memory.heap_available():
+        assert aggregate.heap_growth == heap1 - heap0
+        assert aggregate.heap_growth >= 2 * MiB
+    del between
+
+
+def test_a_call_after_a_pause_or_beside_another_reads_afresh(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = CountingProbes(monkeypatch)
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 0.0)  # every gap is a pause
+    for _ in range(5):
+        rec.end(rec.begin(), "request", "/paused/")
+    assert probes.rss == 10
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 60.0)
+    probes.rss = 0
+    outer = rec.begin()  # reuses the latest closing sample
+    assert probes.rss == 0
+    inner = rec.begin()  # another call is in flight: nothing to reuse
+    rec.end(inner, "request", "/inner/")
+    rec.end(outer, "request", "/outer/")
+    assert probes.rss == 3
+
+
+def test_a_call_reading_the_heap_after_one_that_did_not_reads_it(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not memory.heap_available():
+        pytest.skip("glibc mallinfo2 is not available here")
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 60.0)
+    reads = iter([False, True])
+    monkeypatch.setattr(rec, "_reads_heap", lambda: next(reads))
+    rec.end(rec.begin(), "request", "/no-heap/")
+    probes = CountingProbes(monkeypatch)
+    call = rec.begin()
+    assert call.heap_share is not None
+    rec.end(call, "request", "/heap/")
+    # The previous end did not read the heap: this call takes a whole fresh sample.
+    assert (probes.rss, probes.heap) == (2, 2)
+    assert rec.totals()["request", "/heap/"].heap_calls == 1
+
+
+def test_a_call_that_loses_the_race_for_the_closing_sample_reads_afresh(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between the unlocked look and the lock another thread begins a call: simulated by
+    # beginning one from inside the first heap-cost check (the only call before the lock).
+    monkeypatch.setattr(recorder, "REUSE_WINDOW", 60.0)
+    rec.end(rec.begin(), "request", "/warm/")
+    probes = CountingProbes(monkeypatch)
+    others: list[recorder.Call] = []
+    real_reads_heap = rec._reads_heap
+
+    def reads_heap() -> bool:
+        monkeypatch.setattr(rec, "_reads_heap", real_reads_heap)
+        others.append(rec.begin())
+        return real_reads_heap()
+
+    monkeypatch.setattr(rec, "_reads_heap", reads_heap)
+    raced = rec.begin()
+    assert rec.in_flight == 2
+    assert probes.rss == 1  # the other call reused the sample; this one read afresh
+    rec.end(raced, "request", "/raced/")
+    rec.end(others[0], "request", "/other/")
+    assert rec.in_flight == 0
+
+
 def test_threads_never_count_growth_twice(rec: Recorder) -> None:
     # A holder call spans the whole busy period, so the process's observed change over
     # in-flight time is the change between the holder's two samples. The collector is paused
