@@ -1,0 +1,110 @@
+"""Instructions added per request by LeakGuardMiddleware, counted by valgrind (callgrind).
+
+Timings on a shared virtual machine move by several microseconds between runs; instruction
+counts do not: callgrind counts the instructions the process runs in user space, the same for
+the same inputs whatever else the machine does. Each variant runs twice under callgrind, once
+with no measured requests and once with REQUESTS of them after the same warm-up, and the
+difference divided by REQUESTS is its cost per request. Time spent in the kernel (the
+/proc/self/statm read itself) is not counted: the timings of bench_middleware.py show it.
+
+Run: .venv/bin/python bench/bench_instructions.py (skipped when valgrind is not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REQUESTS = 1000
+WARM_UP = 300
+
+VARIANTS = {
+    "no middleware": [],
+    "LeakGuardMiddleware": ["django_leakguard.middleware.LeakGuardMiddleware"],
+    "LeakGuard, reads stubbed": ["django_leakguard.middleware.LeakGuardMiddleware"],
+    "naive psutil middleware": ["bench_middleware.PsutilMiddleware"],
+}
+
+CHILD = """
+import sys
+sys.path.insert(0, {here!r})
+import bench_middleware as bench
+from django_leakguard import memory, recorder
+
+bench.setup()
+if {stub!r}:
+    memory.rss = bench.MemoryReadsStubbed.constant_rss
+serve = bench.handler({middleware!r})
+recorder.get_recorder()._has_heap = {heap!r}
+for _ in range({warm}):
+    serve()
+for _ in range({requests}):
+    serve()
+"""
+
+
+def count(middleware: list[str], requests: int, *, stub: bool, heap: bool) -> int:
+    """Return the instructions callgrind counts for the child script."""
+    code = CHILD.format(
+        here=str(HERE),
+        stub=stub,
+        middleware=middleware,
+        heap=heap,
+        warm=WARM_UP,
+        requests=requests,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={tmp}/callgrind.out",
+                sys.executable,
+                "-c",
+                code,
+            ],
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    assert match, out.stderr[-2000:]
+    return int(match.group(1))
+
+
+def main() -> None:
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: skipped")
+        return
+    print(
+        f"user-space instructions per request (callgrind, {REQUESTS} requests after "
+        f"{WARM_UP} of warm-up; heap readings off, so that the figures do not depend on sampling)"
+    )
+    per_request = {}
+    for name, middleware in VARIANTS.items():
+        stub = name.endswith("stubbed")
+        runs = [count(middleware, n, stub=stub, heap=False) for n in (0, REQUESTS)]
+        per_request[name] = (runs[1] - runs[0]) / REQUESTS
+    base = per_request["no middleware"]
+    print(f"{'variant':<26} {'per request':>12} {'added':>10}")
+    for name, value in per_request.items():
+        added = "" if name == "no middleware" else f"{value - base:+10,.0f}"
+        print(f"{name:<26} {value:12,.0f} {added:>10}")
+    heap = [
+        count(VARIANTS["LeakGuardMiddleware"], n, stub=False, heap=True) for n in (0, REQUESTS)
+    ]
+    print(
+        f"{'LeakGuard, heap on':<26} {(heap[1] - heap[0]) / REQUESTS:12,.0f} "
+        f"{(heap[1] - heap[0]) / REQUESTS - base:+10,.0f}  (heap read by a sampled share)"
+    )
+
+
+if __name__ == "__main__":
+    main()
