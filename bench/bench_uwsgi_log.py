@@ -2,11 +2,18 @@
 
 Generates a ~1,000,000-line uWSGI memory-report log in a temporary directory (the line format
 is copied from uWSGI 2.0.31's output), then parses it in one subprocess per tool, so each
-one's peak RSS (ru_maxrss) is its own. Also runs each tool on a tenth of the log, to show
-whether memory grows with the log's size. Finally bulk-creates 1,000,000 Growth rows in a
-temporary SQLite file and times the report over them.
+one's memory is its own: ours with the default --jobs (worker processes) and with --jobs 1,
+then pyuwsgimemhog. Also runs each on a tenth of the log, to show whether memory grows with the
+log's size. Finally bulk-creates 1,000,000 Growth rows in a temporary SQLite file and times the
+report over them.
 
-Run: .venv/bin/python bench/bench_uwsgi_log.py [--lines N] [--rows N]
+Memory, two figures sampled every 50 ms from /proc while a tool runs, summed over its process
+and the worker processes it forked: peak RSS (at least the process's own ru_maxrss; it counts
+the pages a worker shares with the process it was forked from in both) and peak PSS (each
+shared page divided between the processes that map it: what the run costs the machine).
+
+Run: flock /tmp/bench.lock .venv/bin/python bench/bench_uwsgi_log.py [--lines N] [--rows N]
+(flock: other benchmarks on the machine wait meanwhile).
 """
 
 from __future__ import annotations
@@ -86,13 +93,16 @@ OURS = textwrap.dedent(
     import django
     django.setup()
     from django.core.management import call_command
+    from django_leakguard import uwsgi_log
+    jobs = uwsgi_log.default_jobs() if sys.argv[2] == "auto" else int(sys.argv[2])
     out = io.StringIO()
     started = time.perf_counter()
-    call_command("leakreport", "--uwsgi-log", sys.argv[1], "--format", "json", stdout=out)
+    call_command("leakreport", "--uwsgi-log", sys.argv[1], "--format", "json", "--jobs",
+        sys.argv[2], stdout=out)
     elapsed = time.perf_counter() - started
     rows = json.loads(out.getvalue())["rows"]
     print(json.dumps({{"seconds": elapsed, "maxrss": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024, "top": rows[0]["key"]}}))
+        resource.RUSAGE_SELF).ru_maxrss * 1024, "top": rows[0]["key"], "jobs": jobs}}))
     """
 )
 
@@ -105,17 +115,52 @@ THEIRS = textwrap.dedent(
         hogs = list(uwsgimemhog(f, 0, normalize_path_with_nums))
     elapsed = time.perf_counter() - started
     print(json.dumps({"seconds": elapsed, "maxrss": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024, "top": hogs[0][0]}))
+        resource.RUSAGE_SELF).ru_maxrss * 1024, "top": hogs[0][0], "jobs": 1}))
     """
 )
 
 
-def run(code: str, log: Path) -> dict[str, object]:
-    """Run code in a fresh interpreter; return its figures."""
-    done = subprocess.run(
-        [PYTHON, "-c", code, str(log)], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def memory(pid: int) -> tuple[int, int]:
+    """Return the RSS and PSS of a process and its descendants, summed (0 once it is gone)."""
+    rss = pss = 0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        for line in rollup.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1]) * 1024
+        pids.extend(int(child) for child in children.split())
+    return rss, pss
+
+
+def run(code: str, log: Path, *args: str) -> dict[str, object]:
+    """Run code in a fresh interpreter, sampling its PSS; return its figures."""
+    with subprocess.Popen(
+        [PYTHON, "-c", code, str(log), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as process:
+        peak_rss = peak_pss = 0
+        while process.poll() is None:
+            rss, pss = memory(process.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.05)
+        out, err = process.communicate()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args, out, err)
+    figures: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    figures["rss"] = max(peak_rss, int(figures["maxrss"]))  # type: ignore[call-overload]
+    figures["pss"] = peak_pss
+    return figures
 
 
 def bench_logs(lines: int, tmp: Path) -> None:
@@ -124,20 +169,31 @@ def bench_logs(lines: int, tmp: Path) -> None:
     write_log(big, lines)
     ours = OURS.format(root=str(ROOT), testproject=str(ROOT / "testproject"))
     print(f"uWSGI memory-report log: {lines:,} lines ({big.stat().st_size / MB:.0f} MiB)")
-    print(f"{'tool':<28}{'lines':>11}{'seconds':>9}{'lines/s':>11}{'peak RSS':>11}  top key")
-    results = {}
-    for name, code in (("leakreport --uwsgi-log", ours), ("pyuwsgimemhog 0.3.0", THEIRS)):
+    print(
+        f"{'tool':<30}{'jobs':>5}{'lines':>11}{'seconds':>9}{'lines/s':>11}"
+        f"{'peak RSS':>11}{'peak PSS':>11}  top key"
+    )
+    tools = (
+        ("leakreport --uwsgi-log", ours, ("auto",)),
+        ("leakreport --uwsgi-log", ours, ("1",)),
+        ("pyuwsgimemhog 0.3.0", THEIRS, ()),
+    )
+    rates = []
+    for name, code, args in tools:
         for log, count in ((small, lines // 10), (big, lines)):
-            figures = run(code, log)
+            figures = run(code, log, *args)
             seconds = float(figures["seconds"])  # type: ignore[arg-type]
             rate = count / seconds
-            results[(name, count)] = rate
             print(
-                f"{name:<28}{count:>11,}{seconds:>9.2f}{rate:>11,.0f}"
-                f"{int(figures['maxrss']) / MB:>8.1f} MiB  {figures['top']}"  # type: ignore[call-overload]
+                f"{name:<30}{figures['jobs']:>5}{count:>11,}{seconds:>9.2f}{rate:>11,.0f}"
+                f"{int(figures['rss']) / MB:>7.1f} MiB"  # type: ignore[call-overload]
+                f"{int(figures['pss']) / MB:>7.1f} MiB  {figures['top']}"  # type: ignore[call-overload]
             )
-    ratio = results[("leakreport --uwsgi-log", lines)] / results[("pyuwsgimemhog 0.3.0", lines)]
-    print(f"throughput ratio on {lines:,} lines: {ratio:.1f}x")
+        rates.append(rate)
+    print(
+        f"throughput ratio on {lines:,} lines: {rates[0] / rates[2]:.1f}x "
+        f"(--jobs 1: {rates[1] / rates[2]:.1f}x)"
+    )
 
 
 DATABASE = textwrap.dedent(

@@ -4,17 +4,20 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.utils import timezone
 
-from django_leakguard import memory
+from django_leakguard import memory, uwsgi_log
 from django_leakguard.models import Growth, Worker
+from tests.test_uwsgi_log import mixed_log
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uwsgi-memory-report.log"
 GIB = 1024**3
@@ -244,6 +247,8 @@ def test_thin_data() -> None:
         (("--sort", "size"), "invalid choice"),
         (("--uwsgi-log", "/nonexistent.log"), "Cannot read the uWSGI log: "),
         (("--uwsgi-log", str(FIXTURE), "--kind", "task"), "--kind task does not apply"),
+        (("--uwsgi-log", str(FIXTURE), "--jobs", "0"), "argument --jobs: expected auto or a"),
+        (("--uwsgi-log", str(FIXTURE), "--jobs", "all"), "argument --jobs: expected auto or a"),
     ],
 )
 def test_errors(args: tuple[str, ...], message: str) -> None:
@@ -317,6 +322,46 @@ def test_uwsgi_log_json_and_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
         1,
     )
     assert log["group_by"] == "pattern"
+
+
+def test_uwsgi_log_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "uwsgi.log"
+    mixed_log(log, 2000)
+    monkeypatch.setattr(uwsgi_log, "PARALLEL_MIN_SIZE", 100_000)
+    monkeypatch.setattr(uwsgi_log, "RANGE_SIZE", 20_000)
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
+    split: list[int] = []
+    feed_split = uwsgi_log._feed_split
+
+    def spy(*args: Any) -> None:
+        split.append(args[3].jobs)
+        feed_split(*args)
+
+    monkeypatch.setattr(uwsgi_log, "_feed_split", spy)
+    for fmt in ("table", "json"):
+        serial = run("--uwsgi-log", str(log), "--format", fmt, "--jobs", "1")
+        assert split == []
+        assert run("--uwsgi-log", str(log), "--format", fmt, "--jobs", "2") == serial
+        assert split.pop() == 2
+        # auto: the CPUs this process may use (at least 2 for a pool, else no split).
+        assert run("--uwsgi-log", str(log), "--format", fmt) == serial
+        assert split == ([uwsgi_log.default_jobs()] if uwsgi_log.default_jobs() > 1 else [])
+        split.clear()
+
+
+def killed(*args: object) -> None:
+    """A worker process that dies (say, killed by the OOM killer)."""
+    os._exit(1)
+
+
+def test_uwsgi_log_worker_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "uwsgi.log"
+    mixed_log(log, 2000)
+    monkeypatch.setattr(uwsgi_log, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
+    monkeypatch.setattr(uwsgi_log, "_parse_range", killed)
+    with pytest.raises(CommandError, match=r"ended abruptly .*Run again with --jobs 1"):
+        run("--uwsgi-log", str(log), "--jobs", "2")
 
 
 @override_settings(LEAKGUARD={"WORKER_MAX_MEMORY": "64MiB", "MAX_REQUESTS": 0})

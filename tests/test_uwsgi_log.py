@@ -1,17 +1,24 @@
 from __future__ import annotations
 
+import _thread
+import atexit
+import contextlib
 import gc
 import gzip
 import http.client
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pytest
 from django.test import override_settings
@@ -152,6 +159,18 @@ def test_groups_are_capped_and_the_rest_folded() -> None:
     assert len(summary.groups) == 4
     assert summary.groups["<other>"].calls == 8 - 3
     assert summary.folded_groups == 5
+    # Folded keys are counted once each.
+    again = parse(*lines, line(1, 10, 2000, path="/pi/"), line(2, 1, 0), max_groups=3)
+    assert again.groups["<other>"].calls == 8 - 3 + 1
+    assert again.folded_groups == 5
+
+
+def test_folded_keys_are_counted_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uwsgi_log, "MAX_FOLDED_KEYS", 2)
+    lines = [line(1, n, 1000 + n, path=f"/p{chr(97 + n)}/") for n in range(1, 10)]
+    summary = parse(*lines, line(1, 10, 2000, path="/pf/"), max_groups=3)
+    assert summary.groups["<other>"].calls == 6
+    assert summary.folded_groups == 2
 
 
 def test_live_workers_are_capped() -> None:
@@ -471,3 +490,336 @@ def test_intervals_and_dates_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
     assert summary.first_date is not None
     assert summary.last_date is not None
     assert summary.last_date - summary.first_date == 4
+
+
+# Parallel parsing (--jobs) must give the serial result --------------------------------------
+
+CLIENTS = [b"10.0.0.1", b"::1", b"2001:db8::8a2e:370:7334", b""]
+PATHS = [
+    "/products/{n}/",
+    "/leak/retain/",
+    "/leak/cache/3fa85f64-5717-4562-b3fc-{n:012d}/",
+    "/search/?q=hats&page={n}",
+    "/static/app.{n:08x}.js",
+    "/p{n}/",
+    "-",
+    "http://example.com/products/{n}/",
+    "/a%20b/{n}/",
+    "/",
+]
+
+
+def mixed_line(rng: random.Random, pids: dict[int, list[int]], n: int) -> bytes:
+    """Return a request line (now and then an odd one) of one of the workers in pids."""
+    pid = rng.choice(list(pids))
+    state = pids[pid]
+    roll = rng.random()
+    if roll < 0.01:
+        state[:] = [10_000_000, 0]  # a respawn that reuses the pid
+    state[0] += rng.choice((0, 0, 4096, -4096, 65536))
+    state[1] += 1
+    req = state[1]
+    if roll > 0.95:
+        req = max(1, req - 3)  # threads finishing out of order
+    path = rng.choice(PATHS).format(n=rng.randrange(10 if roll < 0.5 else 1000))
+    text = line(pid, req, state[0], path).replace(b"10.0.0.1", rng.choice(CLIENTS))
+    text = text.replace(b"09:05:00", f"09:{n // 600 % 60:02d}:{n // 10 % 60:02d}".encode())
+    if roll > 0.99:
+        text = text.replace(
+            b"/0MB} [pid", b"/0MB} {uss usage: 1 bytes/0MB} {pss usage: 2 bytes/0MB} [pid"
+        )
+    elif roll > 0.98:
+        text = text.replace(b"(alice)", b"(al\tice)")  # read by the full regular expression
+    elif roll > 0.975:
+        text = text.replace(b"app: 0", b"app: -1")
+    return text
+
+
+def mixed_log(path: Path, lines: int, *, seed: int = 1, pids: int = 40) -> None:
+    """Write a log of many workers, respawns, odd and broken lines; the last one unterminated."""
+    rng = random.Random(seed)
+    workers = {1000 + n: [10_000_000, 0] for n in range(pids)}
+    junk = [
+        b"spawned uWSGI worker 3 (pid: 1003, cores: 1)\n",
+        b"{rss usage: 12 bytes/0MB} and nothing else\n",
+        b"\n",
+    ]
+    with path.open("wb") as out:
+        for n in range(lines):
+            if rng.random() < 0.03:
+                out.write(rng.choice(junk))
+            else:
+                out.write(mixed_line(rng, workers, n))
+        out.write(mixed_line(rng, workers, lines).rstrip(b"\n"))
+
+
+def parse_in_parallel(names: list[str], **kwargs: Any) -> uwsgi_log.LogSummary:
+    kwargs.setdefault("jobs", 3)
+    kwargs.setdefault("parallel_min_size", 0)
+    return parse_logs(names, **kwargs)
+
+
+@pytest.fixture
+def merges(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each merge of a range parsed by a worker process returned."""
+    results: list[bool] = []
+    merge = LogParser._merge
+
+    def spy(self: LogParser, result: uwsgi_log.RangeResult) -> bool:
+        results.append(merge(self, result))
+        return results[-1]
+
+    monkeypatch.setattr(LogParser, "_merge", spy)
+    return results
+
+
+def assert_same(parallel: uwsgi_log.LogSummary, serial: uwsgi_log.LogSummary) -> None:
+    assert parallel == serial
+    # Groups are created in the same order (it decides which are folded into <other>).
+    assert list(parallel.groups) == list(serial.groups)
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    log = tmp_path_factory.mktemp("logs") / "mixed.log"
+    mixed_log(log, 3000)
+    return log
+
+
+@pytest.fixture
+def mixed(mixed_file: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A mixed log of 700 kB, read in chunks of 16 KiB (the parent parses the first one)."""
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
+    return mixed_file
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"group_by": "pattern"},
+        {"group_by": "urlconf"},
+        {},  # auto
+        {"group_by": "pattern", "max_groups": 6},
+        {"group_by": "urlconf", "max_groups": 3},
+    ],
+)
+@pytest.mark.parametrize(("jobs", "range_size"), [(2, 40_000), (3, 4_099), (4, 1_000)])
+def test_parallel_gives_the_serial_result(
+    mixed: Path, merges: list[bool], limits: dict[str, Any], jobs: int, range_size: int
+) -> None:
+    serial = parse_logs([str(mixed)], **limits)
+    assert serial.respawns > 5
+    assert serial.skipped_lines > 50
+    parallel = parse_in_parallel([str(mixed)], jobs=jobs, range_size=range_size, **limits)
+    assert_same(parallel, serial)
+    assert len(merges) >= 4
+    assert all(merges)
+    if "max_groups" in limits:
+        assert serial.folded_groups > 0
+
+
+def test_parallel_retires_the_oldest_workers_as_serial_does(
+    mixed: Path, merges: list[bool]
+) -> None:
+    # Ranges that bring the live workers over the cap are parsed by the parent itself.
+    serial = parse_logs([str(mixed)], "pattern", max_live_workers=8)
+    parallel = parse_in_parallel(
+        [str(mixed)], group_by="pattern", max_live_workers=8, range_size=3000
+    )
+    assert_same(parallel, serial)
+    assert False in merges
+    assert True in merges
+
+
+def test_parallel_with_tiny_caches(
+    mixed: Path, merges: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker keeps its caches and groups from range to range, and drops them when full.
+    serial = parse_logs([str(mixed)], "pattern")
+    monkeypatch.setattr(uwsgi_log, "PATH_CACHE_SIZE", 2)
+    parallel = parse_in_parallel([str(mixed)], group_by="pattern", jobs=2, range_size=5000)
+    assert_same(parallel, serial)
+    assert len(merges) > 20
+
+
+def test_parallel_fixture(merges: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 100)
+    for group_by in ("auto", "pattern"):
+        serial = parse_logs([str(FIXTURE)], group_by)
+        assert_same(parse_in_parallel([str(FIXTURE)], group_by=group_by, range_size=1), serial)
+    assert len(merges) > 10
+
+
+def test_parallel_over_several_files(tmp_path: Path, mixed: Path) -> None:
+    gz = tmp_path / "log.gz"
+    gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    small = tmp_path / "small.log"
+    mixed_log(small, 100, seed=2)
+    names = [str(gz), str(small), str(mixed), str(FIXTURE), str(mixed)]
+    serial = parse_logs(names)
+    parallel = parse_in_parallel(names, parallel_min_size=50_000, range_size=20_000)
+    assert_same(parallel, serial)
+    assert parallel.files == names
+
+
+def test_parallel_reads_long_lines_as_serial_does(tmp_path: Path, merges: list[bool]) -> None:
+    # Lines longer than MAX_LINE across CHUNK_SIZE boundaries are dropped where feed()'s reads
+    # end; the first straddles the end of the lines the parent parses (its first chunk), and
+    # each ends in a request line (read from the part after the boundary).
+    rng = random.Random(3)
+    workers = {1000 + n: [10_000_000, 0] for n in range(6)}
+    log = tmp_path / "long.log"
+    with log.open("wb") as out:
+        n = 0
+        for boundary in (1, 2, 3):
+            while out.tell() < boundary * uwsgi_log.CHUNK_SIZE - 100_000:
+                out.write(mixed_line(rng, workers, n))
+                n += 1
+            out.write(b"x" * 200_000 + mixed_line(rng, workers, n))
+    serial = parse_logs([str(log)], "pattern")
+    parallel = parse_in_parallel([str(log)], group_by="pattern", range_size=50_000)
+    assert_same(parallel, serial)
+    assert all(merges)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"not a request line\n" * 150_000,  # the first request line is in the third chunk
+        b"x" * (uwsgi_log.CHUNK_SIZE + 10),  # an unterminated first line: all one chunk
+    ],
+)
+def test_parallel_with_a_late_first_request_line(tmp_path: Path, head: bytes) -> None:
+    log = tmp_path / "late.log"
+    log.write_bytes(head + b"\n" + b"".join(line(1, n, 1000 * n) for n in range(1, 400)))
+    serial = parse_logs([str(log)])
+    assert_same(parse_in_parallel([str(log)], range_size=2000), serial)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"no request line\n" * 10,
+        b"no request line\n" * 10 + line(1, 1, 1000) + line(1, 2, 1500).rstrip(b"\n"),
+        line(1, 1, 1000) + line(1, 2, 1100),
+    ],
+)
+def test_parallel_on_short_files(tmp_path: Path, content: bytes) -> None:
+    log = tmp_path / "short.log"
+    log.write_bytes(content)
+    assert_same(parse_in_parallel([str(log)], range_size=10), parse_logs([str(log)]))
+
+
+def test_parallel_memory_does_not_grow_with_the_log(
+    tmp_path: Path, merges: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent's: results wait in a bounded queue (each worker's is bounded by its range).
+    def peak(path: Path) -> int:
+        tracemalloc.start()
+        try:
+            parse_in_parallel([str(path)], group_by="pattern", range_size=50_000)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 16)
+    small, big = tmp_path / "small.log", tmp_path / "big.log"
+    synthetic_log(small, 20_000)
+    synthetic_log(big, 80_000)
+    assert peak(big) < peak(small) * 1.5
+    assert len(merges) > 100
+
+
+def test_a_file_replaced_while_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log, other = tmp_path / "uwsgi.log", tmp_path / "other.log"
+    synthetic_log(log, 2000)
+    synthetic_log(other, 2000)
+    open_log = uwsgi_log.open_log
+
+    @contextlib.contextmanager
+    def rotating(name: str, stdin: Any = None) -> Iterator[BinaryIO]:
+        with open_log(name, stdin) as stream:
+            os.replace(other, log)  # log rotation: the name is another file now
+            yield stream
+
+    monkeypatch.setattr(uwsgi_log, "open_log", rotating)
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
+    with pytest.raises(OSError, match="was replaced while it was being read"):
+        parse_in_parallel([str(log)], range_size=10_000)
+
+
+def test_a_worker_checks_it_reads_the_parent_s_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the worker did in the test above, here (a terminated worker saves no coverage).
+    settings = uwsgi_log.RangeSettings("pattern", zero_digits=True, key_for_urlconf=len)
+    monkeypatch.setattr(uwsgi_log, "_parser", uwsgi_log.RangeParser(settings))
+    status = FIXTURE.stat()
+    result = uwsgi_log._parse_range(str(FIXTURE), (status.st_dev, status.st_ino), 0, None)
+    assert (result.lines, result.request_lines) == (23, 13)
+    with pytest.raises(OSError, match="was replaced"):
+        uwsgi_log._parse_range(str(FIXTURE), (status.st_dev, status.st_ino + 1), 0, None)
+
+
+def test_workers_skip_exit_hooks(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+
+    def hook() -> None:  # pragma: no cover - must not run in the workers
+        ran.touch()
+
+    atexit.register(hook)
+    try:
+        parse_in_parallel([str(FIXTURE)], range_size=100)
+    finally:
+        atexit.unregister(hook)
+    assert not ran.exists()
+
+
+def test_no_workers_beside_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    split = []
+    monkeypatch.setattr(uwsgi_log, "_feed_split", lambda *args: split.append(args))
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not uwsgi_log.can_fork()
+        parse_in_parallel([str(FIXTURE)])
+    finally:
+        stop.set()
+        thread.join()
+    assert split == []
+    assert uwsgi_log.can_fork()
+
+
+def test_no_workers_beside_threads_python_did_not_start() -> None:
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    started = _thread.allocate_lock()
+    started.acquire()
+
+    def run() -> None:
+        started.release()
+        lock.acquire()
+
+    _thread.start_new_thread(run, ())
+    started.acquire()
+    try:
+        assert threading.active_count() == 1
+        assert not uwsgi_log.can_fork()
+    finally:
+        lock.release()
+    assert uwsgi_log.can_fork()
+
+
+def test_parallel_runs_one_after_another(
+    merges: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The threads of one run's pool are gone, or about to go, when the next run looks.
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 100)
+    for _ in range(5):
+        count = len(merges)
+        parse_in_parallel([str(FIXTURE)], range_size=100)
+        assert len(merges) > count
+
+
+def test_default_jobs() -> None:
+    assert uwsgi_log.default_jobs() == min(len(os.sched_getaffinity(0)), uwsgi_log.MAX_JOBS)

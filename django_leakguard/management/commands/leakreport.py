@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -21,6 +22,22 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value!r}")
+    return number
+
+
+def _jobs(value: str) -> int:
+    """Return --jobs as a number of processes (0 for auto)."""
+    if value == "auto":
+        return 0
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected auto or a number of processes, 1 or more (1 parses in this process), "
+            f"got {value!r}"
+        )
     return number
 
 
@@ -60,6 +77,14 @@ class Command(BaseCommand):
             choices=("auto", "urlconf", "pattern"),
             default="auto",
             help="How --uwsgi-log groups paths (auto: the URLconf when it resolves most).",
+        )
+        parser.add_argument(
+            "--jobs",
+            type=_jobs,
+            default="auto",
+            metavar="N",
+            help="Processes that parse a large plain --uwsgi-log file in parallel (auto: the "
+            "CPUs this process may use, at most 8; 1: none, parse here).",
         )
         parser.add_argument(
             "--prune", action="store_true", help="Delete rows older than RETENTION_DAYS."
@@ -171,10 +196,18 @@ class Command(BaseCommand):
             raise CommandError("--kind task does not apply to --uwsgi-log: logs hold requests.")
         try:
             summary = uwsgi_log.parse_logs(
-                options["uwsgi_log"], options["group_by"], stdin=sys.stdin.buffer
+                options["uwsgi_log"],
+                options["group_by"],
+                stdin=sys.stdin.buffer,
+                jobs=options["jobs"] or uwsgi_log.default_jobs(),
             )
         except (OSError, EOFError) as exc:
             raise CommandError(f"Cannot read the uWSGI log: {exc}") from None
+        except BrokenProcessPool as exc:
+            raise CommandError(
+                f"A process parsing the uWSGI log ended abruptly ({exc}); out of memory? Run "
+                "again with --jobs 1 to parse in this process."
+            ) from None
         return report.rows_from_log(summary)
 
     def _maintain(self, options: dict[str, Any], using: str, retention_days: int) -> None:
