@@ -141,6 +141,6 @@ def _task_postrun(task_id: str | None = None, task: Any = None, **kwargs: Any) -
 
 
 def _flush(**kwargs: Any) -> None:
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder import flush_at_exit
 
-    get_recorder().flush()
+    flush_at_exit()

@@ -168,10 +168,10 @@ def worker_exit(server: Any, worker: Any) -> None:
     # The arbiter also calls worker_exit for a worker that vanished; nothing to flush there.
     if getattr(worker, "pid", None) != os.getpid():
         return
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder import flush_at_exit
 
     try:
-        get_recorder().flush()
+        flush_at_exit()
     except Exception:  # pragma: no cover - flush() never raises by contract
         logger.exception("django-leakguard: flush at worker exit failed")
 

@@ -58,6 +58,10 @@ WARM_KEYS_MAX = 4096
 # reuses it (see the module docstring); after a longer pause it reads memory afresh, so that
 # what background threads do while the process is idle is not charged to the next call.
 REUSE_WINDOW = 0.002
+# A flush at process exit waits at most this many seconds for the recorder's locks: a call cut
+# off while it held one (uWSGI ends a worker from a C signal handler, which can interrupt the
+# main thread anywhere) would otherwise hang the worker's exit for good.
+EXIT_LOCK_TIMEOUT = 5.0
 # Recording errors are logged at most once per this many seconds.
 ERROR_LOG_INTERVAL = 60.0
 
@@ -488,17 +492,37 @@ class Recorder:
         except Exception:
             self._errors.exception("LeakGuard could not flush")
 
-    def flush(self) -> bool:
-        """Write pending aggregates now; return False when the database write failed."""
+    def flush(self, *, timeout: float | None = None) -> bool:
+        """Write pending aggregates now; return False when they could not be written.
+
+        timeout: wait at most this many seconds for another flush, or a call being recorded,
+        to let go of the recorder (None: as long as it takes); the exit hooks pass one.
+        """
+        wait = -1 if timeout is None else timeout
         try:
-            with self._flush_lock:
-                return self._flush_locked()
+            if not self._flush_lock.acquire(timeout=wait):
+                self._busy_at_flush(timeout)
+                return False
+            try:
+                return self._flush_locked(wait)
+            finally:
+                self._flush_lock.release()
         except Exception:
             self._errors.exception("LeakGuard could not flush")
             return False
 
-    def _take(self) -> Batch | None:
-        with self._lock:
+    def _busy_at_flush(self, timeout: float | None) -> None:
+        logger.warning(
+            "LeakGuard could not flush: the recorder stayed busy for %s s (a call or a flush "
+            "cut off while it held a lock?); the measurements not written yet are lost.",
+            timeout,
+        )
+
+    def _take(self, wait: float = -1) -> Batch | bool | None:
+        """Take the pending aggregates; False when the lock was not free within wait seconds."""
+        if not self._lock.acquire(timeout=wait):
+            return False
+        try:
             worker = self._worker
             if not self._pending and not worker.calls:
                 return None
@@ -507,6 +531,8 @@ class Recorder:
             self._keys = {}
             worker.calls = 0
             return batch
+        finally:
+            self._lock.release()
 
     def _give_back(self, batch: Batch) -> None:
         """Merge a batch that failed to write back into the pending aggregates."""
@@ -522,13 +548,16 @@ class Recorder:
                     aggregate.merge(old)
             self._worker.calls += batch.worker.calls
 
-    def _flush_locked(self) -> bool:
+    def _flush_locked(self, wait: float = -1) -> bool:
         from django_leakguard import storage
 
         self._last_flush = time.monotonic()
-        batch = self._take()
-        if batch is None:
-            return True
+        batch = self._take(wait)
+        if batch is False:
+            self._busy_at_flush(wait)
+            return False
+        if not isinstance(batch, Batch):
+            return True  # nothing to write
         now = time.monotonic()
         batch.prune = now >= self._next_prune
         try:
@@ -656,15 +685,20 @@ def _create() -> Recorder:
     with _recorder_lock:
         if _recorder is None:
             _recorder = Recorder()
-            atexit.register(_flush_at_exit)
+            atexit.register(flush_at_exit)
         return _recorder
 
 
-def _flush_at_exit() -> None:
-    """Flush at interpreter exit so a recycled worker loses nothing."""
+def flush_at_exit() -> bool:
+    """Flush as the process exits, so that a recycled worker loses nothing.
+
+    Registered with atexit, and called by the Gunicorn, uWSGI and Celery exit hooks. It waits
+    at most EXIT_LOCK_TIMEOUT seconds for the recorder, so that it never hangs an exit.
+    """
     recorder = _recorder
-    if recorder is not None:
-        recorder.flush()
+    if recorder is None:
+        return True
+    return recorder.flush(timeout=EXIT_LOCK_TIMEOUT)
 
 
 class _SuspendedRecorder(Recorder):
@@ -682,7 +716,7 @@ class _SuspendedRecorder(Recorder):
     def flush_if_due(self) -> None:
         return None
 
-    def flush(self) -> bool:
+    def flush(self, *, timeout: float | None = None) -> bool:
         return True
 
 

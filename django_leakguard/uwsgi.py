@@ -26,9 +26,9 @@ def running_under_uwsgi() -> bool:
 
 def flush_at_exit() -> None:
     """Write this worker's pending measurements (uWSGI calls it as the worker exits)."""
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard import recorder
 
-    get_recorder().flush()
+    recorder.flush_at_exit()
 
 
 def install() -> bool:

@@ -199,14 +199,19 @@ def test_start_line_without_max_requests() -> None:
 def test_worker_exit_flushes_only_in_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     from django_leakguard import recorder
 
-    flushed: list[bool] = []
-    monkeypatch.setattr(recorder.get_recorder(), "flush", lambda: flushed.append(True) or True)
+    flushed: list[float | None] = []
+
+    def flush(*, timeout: float | None = None) -> bool:
+        flushed.append(timeout)
+        return True
+
+    monkeypatch.setattr(recorder.get_recorder(), "flush", flush)
     worker = FakeWorker()
     gunicorn_conf.worker_exit(None, worker)
-    assert flushed == [True]
+    assert flushed == [recorder.EXIT_LOCK_TIMEOUT]  # a bounded wait: never hangs the exit
     worker.pid = os.getpid() + 1  # the arbiter cleaning up after a vanished worker
     gunicorn_conf.worker_exit(None, worker)
-    assert flushed == [True]
+    assert flushed == [recorder.EXIT_LOCK_TIMEOUT]
 
 
 # Uvicorn workers never call post_request: an ASGI wrapper retires them instead.

@@ -541,13 +541,46 @@ def test_a_failed_prune_keeps_the_written_batch(
 def test_flush_at_exit_flushes_the_recorder(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flushed: list[bool] = []
-    monkeypatch.setattr(Recorder, "flush", lambda self: flushed.append(True) or True)
-    recorder._flush_at_exit()
-    assert flushed == [True]
+    flushed: list[float | None] = []
+
+    def flush(self: Recorder, *, timeout: float | None = None) -> bool:
+        flushed.append(timeout)
+        return True
+
+    monkeypatch.setattr(Recorder, "flush", flush)
+    assert recorder.flush_at_exit() is True
+    assert flushed == [recorder.EXIT_LOCK_TIMEOUT]
     monkeypatch.setattr(recorder, "_recorder", None)
-    recorder._flush_at_exit()
-    assert flushed == [True]
+    assert recorder.flush_at_exit() is True
+    assert flushed == [recorder.EXIT_LOCK_TIMEOUT]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("held", ["_lock", "_flush_lock"])
+def test_a_flush_at_exit_never_hangs_on_a_held_lock(
+    rec: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    held: str,
+) -> None:
+    # A call cut off by a signal while it held the recorder's lock (or a flush cut off while it
+    # held the flush lock) in this very thread: a blocking flush would wait forever.
+    rec.end(rec.begin(), "request", "/cut/")
+    monkeypatch.setattr(recorder, "EXIT_LOCK_TIMEOUT", 0.2)
+    lock = getattr(rec, held)
+    lock.acquire()
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="django_leakguard"):
+            assert recorder.flush_at_exit() is False
+        assert time.monotonic() - started < 5
+    finally:
+        lock.release()
+    assert any("stayed busy for 0.2 s" in r.getMessage() for r in caplog.records)
+    assert not Growth.objects.exists()
+    # Nothing was taken: the next flush writes it.
+    assert rec.flush() is True
+    assert Growth.objects.get(key="/cut/").calls == 1
 
 
 # Sampled allocation tracing (issue 8) -----------------------------------------------------
