@@ -514,7 +514,8 @@ class Recorder:
     def _busy_at_flush(self, timeout: float | None) -> None:
         logger.warning(
             "LeakGuard could not flush: the recorder stayed busy for %s s (a call or a flush "
-            "cut off while it held a lock?); the measurements not written yet are lost.",
+            "cut off while it held a lock?); its measurements are not written, and are lost "
+            "if the process is exiting.",
             timeout,
         )
 
