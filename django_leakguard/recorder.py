@@ -9,7 +9,8 @@ async the shares of all calls add up to the process's change over the time calls
 so nothing is counted twice.
 
 A call that begins while no other call is in flight, less than REUSE_WINDOW after the previous
-call's closing sample, takes that sample as its own first one instead of reading memory again:
+call's closing sample, takes that sample as its own first one instead of reading memory again
+(unless it asks for fresh readings, as Celery tasks do):
 under load a worker serves calls back to back, and the reading costs more than what it would
 separate (the server's work between two calls, which this attributes to the next call).
 
@@ -279,15 +280,17 @@ class Recorder:
     def begin(self, *, read_heap: bool = False) -> Call:
         """Sample memory and register a call in flight.
 
-        read_heap=True reads the heap whatever it costs: for calls such as Celery tasks, whose
-        duration dwarfs a reading, and whose small numbers a sampled heap would leave unread.
+        read_heap=True reads both signals afresh whatever they cost (no sampled heap, no reuse
+        of the previous call's closing reading): for calls such as Celery tasks, whose duration
+        dwarfs a reading, and whose small numbers a sampled heap would leave unread.
         """
         try:
             reads_heap = read_heap or self._reads_heap()
             # Unlocked first look: reuse the previous call's closing sample when it is fresh and
             # holds what this call reads; confirmed under the lock below.
             reuse = (
-                not self._in_flight
+                not read_heap
+                and not self._in_flight
                 and time.monotonic() - self._closed_at < REUSE_WINDOW
                 and (self._closed_heap or not reads_heap)
             )

@@ -112,6 +112,10 @@ def test_back_to_back_calls_reuse_the_closing_sample(
     if memory.heap_available():
         assert probes.heap == 11
     assert rec.totals()["request", "/a/"].calls == 10
+    # Calls that ask for fresh readings (Celery tasks) never reuse one.
+    for _ in range(3):
+        rec.end(rec.begin(read_heap=True), "task", "tasks.t")
+    assert probes.rss == 11 + 6
 
 
 def test_growth_between_back_to_back_calls_goes_to_the_next_call(
