@@ -32,20 +32,19 @@ VARIANTS = {
 }
 
 CHILD = """
-import sys
+import contextlib, sys
 sys.path.insert(0, {here!r})
 import bench_middleware as bench
-from django_leakguard import memory, recorder
+from django_leakguard import recorder
 
 bench.setup()
-if {stub!r}:
-    memory.rss = bench.MemoryReadsStubbed.constant_rss
 serve = bench.handler({middleware!r})
 recorder.get_recorder()._has_heap = {heap!r}
-for _ in range({warm}):
-    serve()
-for _ in range({requests}):
-    serve()
+with bench.MemoryReadsStubbed() if {stub!r} else contextlib.nullcontext():
+    for _ in range({warm}):
+        serve()
+    for _ in range({requests}):
+        serve()
 """
 
 

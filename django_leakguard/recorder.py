@@ -522,10 +522,13 @@ class Recorder:
             timeout,
         )
 
-    def _take(self, wait: float = -1) -> Batch | bool | None:
-        """Take the pending aggregates; False when the lock was not free within wait seconds."""
+    def _take(self, wait: float = -1) -> Batch | None:
+        """Take the pending aggregates (None: nothing to write).
+
+        Raise TimeoutError when the lock was not free within wait seconds (-1: no limit).
+        """
         if not self._lock.acquire(timeout=wait):
-            return False
+            raise TimeoutError
         try:
             worker = self._worker
             if not self._pending and not worker.calls:
@@ -556,12 +559,13 @@ class Recorder:
         from django_leakguard import storage
 
         self._last_flush = time.monotonic()
-        batch = self._take(wait)
-        if batch is False:
+        try:
+            batch = self._take(wait)
+        except TimeoutError:
             self._busy_at_flush(wait)
             return False
-        if not isinstance(batch, Batch):
-            return True  # nothing to write
+        if batch is None:
+            return True
         now = time.monotonic()
         batch.prune = now >= self._next_prune
         try:
