@@ -35,11 +35,11 @@ CHILD = """
 import contextlib, sys
 sys.path.insert(0, {here!r})
 import bench_middleware as bench
-from django_leakguard import recorder
+from django_leakguard import recorder_process
 
 bench.setup()
 serve = bench.handler({middleware!r})
-recorder.get_recorder()._has_heap = {heap!r}
+recorder_process.get_recorder()._has_heap = {heap!r}
 with bench.MemoryReadsStubbed() if {stub!r} else contextlib.nullcontext():
     for _ in range({warm}):
         serve()

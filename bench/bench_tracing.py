@@ -43,7 +43,7 @@ def main() -> None:
     setup()
     from django.test import override_settings
 
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder_process import get_recorder
 
     bare = handler([])
     guarded = handler(["django_leakguard.middleware.LeakGuardMiddleware"])

@@ -93,8 +93,8 @@ OURS = textwrap.dedent(
     import django
     django.setup()
     from django.core.management import call_command
-    from django_leakguard import uwsgi_log
-    jobs = uwsgi_log.default_jobs() if sys.argv[2] == "auto" else int(sys.argv[2])
+    from django_leakguard.reporting import uwsgi_parallel
+    jobs = uwsgi_parallel.default_jobs() if sys.argv[2] == "auto" else int(sys.argv[2])
     out = io.StringIO()
     started = time.perf_counter()
     call_command("leakreport", "--uwsgi-log", sys.argv[1], "--format", "json", "--jobs",

@@ -2,7 +2,9 @@
 
 The run takes about a minute: 2 Gunicorn workers configured by django_leakguard.gunicorn_conf
 with a small MAX_REQUESTS, a mixed load over ordinary, /leak/ and /spike/ views, then
-`manage.py leakreport` and `manage.py check`. It stops everything it starts, so it can run again.
+`manage.py leakreport` (as a table, and as an HTML file to open), `manage.py check`, and a
+staff user to browse the admin pages with (`make serve`). It stops everything it starts, so it
+can run again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+HTML_REPORT = HERE / "leakreport.html"
+# A staff user of the demo's own database, to browse the admin pages (`make serve`).
+DEMO_USERNAME = "demo"
+DEMO_PASSWORD = "leakguard-demo"
+DEMO_USER = f"""
+from django.contrib.auth.models import User
+if not User.objects.filter(username={DEMO_USERNAME!r}).exists():
+    User.objects.create_superuser({DEMO_USERNAME!r}, password={DEMO_PASSWORD!r})
+"""
 
 # Weighted paths of the load; {n} is replaced by the request number.
 LOAD = [
@@ -191,8 +202,20 @@ def main() -> int:
 
     print("5. python manage.py leakreport --since 1h")
     status = manage("leakreport", "--since", "1h", env=env)
-    print("6. python manage.py check")
-    return manage("check", env=env) or status
+    print(f"6. python manage.py leakreport --since 1h --format html -o {HTML_REPORT.name}")
+    status = (
+        manage("leakreport", "--since", "1h", "--format", "html", "-o", str(HTML_REPORT), env=env)
+        or status
+    )
+    print(f"   Open {HTML_REPORT.as_uri()} in a browser: the ranking and its charts, one file.")
+    print("7. python manage.py check")
+    status = manage("check", env=env) or status
+    status = manage("shell", "--verbosity", "0", "-c", DEMO_USER, env=env) or status
+    print(
+        "8. The admin pages: run `make serve`, open http://127.0.0.1:8000/admin/django_leakguard/"
+        f"growth/?since=1h and log in as {DEMO_USERNAME!r}, password {DEMO_PASSWORD!r}."
+    )
+    return status
 
 
 if __name__ == "__main__":

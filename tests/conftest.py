@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import math
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -37,6 +40,12 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
+def mysql_url() -> str:
+    """The MySQL or MariaDB URL for service-backed tests."""
+    return _service_url("LEAKGUARD_TEST_MYSQL_URL", "MySQL")
+
+
+@pytest.fixture
 def redis_url() -> str:
     """The Redis URL for service-backed tests."""
     return _service_url("LEAKGUARD_TEST_REDIS_URL", "Redis")
@@ -45,8 +54,55 @@ def redis_url() -> str:
 @pytest.fixture(autouse=True)
 def _fresh_recorder() -> Iterator[None]:
     """Start every test with an empty recorder and leave nothing pending for the exit flush."""
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder_process import get_recorder
 
     get_recorder().discard()
     yield
     get_recorder().discard()
+
+
+@pytest.fixture(autouse=True)
+def _free_lists_always_emptied(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Let every traced call empty the free lists: full collections the tests run would
+    otherwise spend the budget and stop the tracing (test_tracing_gc tests the budget)."""
+    from django_leakguard import tracing_gc
+
+    if request.module.__name__.endswith("test_tracing_gc"):
+        yield
+        return
+    budget, tracing_gc.GC_BUDGET = tracing_gc.GC_BUDGET, math.inf
+    tracing_gc._not_before = 0.0
+    try:
+        yield
+    finally:
+        tracing_gc.GC_BUDGET = budget
+        tracing_gc._not_before = 0.0
+
+
+@pytest.fixture(autouse=True)
+def _default_language() -> Iterator[None]:
+    """Leave no language active after a test: LocaleMiddleware activates the request's language
+    in the thread and never deactivates it, and i18n_patterns() resolve by the active one."""
+    from django.utils import translation
+
+    yield
+    translation.deactivate()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_threads(request: pytest.FixtureRequest) -> None:
+    """Start the log parser's tests in a process that runs no other thread.
+
+    The parser forks worker processes only where no other thread runs (uwsgi_log.can_fork):
+    a thread another test left behind would silently turn its parallel tests serial. Wait a
+    moment for such threads to end; name them if they do not.
+    """
+    if not request.module.__name__.endswith("test_uwsgi_log"):
+        return
+    deadline = time.monotonic() + 5
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    others = [
+        thread.name for thread in threading.enumerate() if thread is not threading.main_thread()
+    ]
+    assert not others, f"threads left running by earlier tests: {others}"

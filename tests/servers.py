@@ -7,6 +7,7 @@ by its PID (SIGTERM, then SIGKILL of its process group after a timeout).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +67,15 @@ def project_env(
     return env
 
 
-def manage(env: Mapping[str, str], *args: str, timeout: float = 60) -> str:
-    """Run testproject/manage.py with env; return its output, raise on failure."""
+def manage(
+    env: Mapping[str, str], *args: str, timeout: float = 60, project: Path = TESTPROJECT
+) -> str:
+    """Run project's manage.py (testproject's by default) with env; return its output, raise
+    on failure."""
     result = subprocess.run(
-        [PYTHON, str(TESTPROJECT / "manage.py"), *args],
+        [PYTHON, str(project / "manage.py"), *args],
         env=dict(env),
-        cwd=TESTPROJECT,
+        cwd=project,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,6 +87,21 @@ def manage(env: Mapping[str, str], *args: str, timeout: float = 60) -> str:
             f"{result.stdout}\n{result.stderr}"
         )
     return result.stdout
+
+
+def stored_calls(env: Mapping[str, str], kind: str) -> Counter[str]:
+    """Return the calls stored per key for kind, in the database env points at."""
+    output = manage(
+        env,
+        "shell",
+        "-c",
+        "import json\n"
+        "from django.db.models import Sum\n"
+        "from django_leakguard.models import Growth\n"
+        f"rows = Growth.objects.filter(kind={kind!r}).values('key').annotate(n=Sum('calls'))\n"
+        "print(json.dumps({row['key']: row['n'] for row in rows}))",
+    )
+    return Counter(json.loads(output.strip().splitlines()[-1]))
 
 
 def migrate(env: Mapping[str, str]) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -10,12 +11,17 @@ from typing import Any
 import psutil
 import pytest
 from celery import Celery
-from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from django_leakguard import celery as leakguard_celery
 from django_leakguard import memory
-from django_leakguard.celery import apply_limits, configure, is_configured, pool_size
+from django_leakguard.celery import (
+    WORKER_LOGGER,
+    apply_limits,
+    configure,
+    is_configured,
+    pool_size,
+)
 from django_leakguard.recycling import celery_memory_per_child_kib
 from tests import servers
 
@@ -50,7 +56,7 @@ def test_configure_marks_the_app_and_is_idempotent(app: Celery) -> None:
 
 def test_apply_limits_fills_in_both_limits(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
     worker = FakeWorker(app, concurrency=3)
-    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+    with caplog.at_level("INFO", logger=WORKER_LOGGER):
         apply_limits(worker)
     expected = celery_memory_per_child_kib(memory.available_memory(), 0.75, 3)
     assert worker.max_tasks_per_child == 100
@@ -61,9 +67,23 @@ def test_apply_limits_fills_in_both_limits(app: Celery, caplog: pytest.LogCaptur
     assert "x 0.75 / 3 children" in caplog.text
 
 
+def test_the_limits_line_follows_celerys_worker_logging(
+    app: Celery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16.8: a project's LOGGING for django_leakguard (here: disabled by
+    # disable_existing_loggers) does not decide where it goes; the worker's --loglevel and
+    # --logfile, set on Celery's loggers, do.
+    monkeypatch.setattr(logging.getLogger("django_leakguard"), "disabled", True)
+    monkeypatch.setattr(logging.getLogger("django_leakguard.celery"), "disabled", True)
+    with caplog.at_level("INFO", logger="celery"):
+        apply_limits(FakeWorker(app, concurrency=1))
+    assert [record.name for record in caplog.records] == [WORKER_LOGGER]
+    assert logging.getLogger(WORKER_LOGGER).parent is logging.getLogger("celery.worker")
+
+
 def test_explicit_values_win(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
     worker = FakeWorker(app, max_tasks_per_child=7, max_memory_per_child=5000)
-    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+    with caplog.at_level("INFO", logger=WORKER_LOGGER):
         apply_limits(worker)
     assert (worker.max_tasks_per_child, worker.max_memory_per_child) == (7, 5000)
     assert "after 7 tasks (explicit) and past 5000 KiB of peak RSS (explicit)" in caplog.text
@@ -72,7 +92,7 @@ def test_explicit_values_win(app: Celery, caplog: pytest.LogCaptureFixture) -> N
 @override_settings(LEAKGUARD={"CELERY_MAX_TASKS_PER_CHILD": 0, "CELERY_MEMORY_FRACTION": None})
 def test_limits_can_be_disabled(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
     worker = FakeWorker(app)
-    with caplog.at_level("INFO", logger="django_leakguard.celery"):
+    with caplog.at_level("INFO", logger=WORKER_LOGGER):
         apply_limits(worker)
     assert (worker.max_tasks_per_child, worker.max_memory_per_child) == (None, None)
     assert "after unlimited tasks (no limit) and past no limit" in caplog.text
@@ -83,10 +103,22 @@ def test_autoscale_max_sizes_the_share(app: Celery) -> None:
     assert pool_size(FakeWorker(app, concurrency=2)) == 2
 
 
-@override_settings(LEAKGUARD={"CELERY_MEMORY_FRACTION": 1.5})
-def test_bad_settings_raise_at_worker_start(app: Celery) -> None:
-    with pytest.raises(ImproperlyConfigured, match="CELERY_MEMORY_FRACTION"):
-        apply_limits(FakeWorker(app))
+@override_settings(LEAKGUARD={"CELERY_MEMORY_FRACTION": 1.5, "CELERY_MAX_TASK_PER_CHILD": 5})
+def test_bad_settings_log_one_line_each_and_use_the_defaults(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = FakeWorker(app)
+    with caplog.at_level(logging.WARNING, logger="django_leakguard"):
+        apply_limits(worker)
+    assert worker.max_tasks_per_child == 100
+    assert worker.max_memory_per_child == celery_memory_per_child_kib(
+        memory.available_memory(), 0.75, pool_size(worker)
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "CELERY_MEMORY_FRACTION" in warnings[0]
+    assert "Using the default 0.75 until then." in warnings[0]
+    assert "Did you mean 'CELERY_MAX_TASKS_PER_CHILD'?" in warnings[1]
 
 
 # Celery's Django fixup runs Django's checks at worker start; Django 6 checks the database too.
@@ -108,7 +140,7 @@ def test_the_step_applies_limits_before_the_pool_is_created(app: Celery) -> None
 
 
 def test_tasks_are_recorded_under_their_name(app: Celery) -> None:
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder_process import get_recorder
 
     configure(app)
     app.conf.task_always_eager = True
@@ -132,7 +164,7 @@ def test_tasks_are_recorded_under_their_name(app: Celery) -> None:
 
 @override_settings(LEAKGUARD={"RECORD": False})
 def test_nothing_is_recorded_when_record_is_off(app: Celery) -> None:
-    from django_leakguard.recorder import get_recorder
+    from django_leakguard.recorder_process import get_recorder
 
     configure(app)
     app.conf.task_always_eager = True
@@ -164,11 +196,12 @@ def test_in_flight_calls_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @override_settings(LEAKGUARD={"RECORD": "yes"})
 def test_a_bad_setting_never_fails_a_task() -> None:
-    from django_leakguard.recorder import recording
+    from django_leakguard.recorder_process import recording
 
-    assert recording() is False
+    assert recording() is True  # the default stands in
     leakguard_celery._task_prerun(task_id="t-1", task=object())
-    assert "t-1" not in leakguard_celery._calls
+    assert "t-1" in leakguard_celery._calls
+    leakguard_celery._calls.pop("t-1")
 
 
 # Real Celery workers.

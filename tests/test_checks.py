@@ -26,6 +26,7 @@ DOTTED_APP = Celery("dotted", set_as_current=False)
 LIMITED_DOTTED_APP = Celery("limited", set_as_current=False)
 LIMITED_DOTTED_APP.conf.worker_max_tasks_per_child = 10
 NOT_AN_APP = object()
+GUNICORN_CONF = "django_leakguard.gunicorn_conf"
 
 
 class SubclassMiddleware(LeakGuardMiddleware):
@@ -51,7 +52,12 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run() -> list[checks.CheckMessage]:
-    return checks.run_checks(tags=["leakguard"])
+    # leakguard.I001 (no server config found) has tests of its own.
+    return [
+        message
+        for message in checks.run_checks(tags=["leakguard"])
+        if message.id != "leakguard.I001"
+    ]
 
 
 def ids() -> list[str]:
@@ -72,6 +78,8 @@ def test_checks_are_registered_with_the_leakguard_tag() -> None:
         "check_gunicorn",
         "check_uwsgi",
         "check_celery",
+        "check_app_installed",
+        "check_tables",
     } <= names
 
 
@@ -230,8 +238,12 @@ def test_gunicorn_config_setting_relative_to_base_dir(isolated: Path) -> None:
 
 def test_gunicorn_config_listed_twice_is_read_once(isolated: Path) -> None:
     (isolated / "gunicorn.conf.py").write_text("workers = 2\n")
-    with override_settings(LEAKGUARD={"GUNICORN_CONFIG": [str(isolated / "gunicorn.conf.py")]}):
+    with override_settings(
+        LEAKGUARD={"GUNICORN_CONFIG": [str(isolated / "gunicorn.conf.py"), "gunicorn.conf.py"]}
+    ):
         assert ids() == ["leakguard.W001"]
+    with override_settings(LEAKGUARD={"UWSGI_INI": ["x.ini", str(isolated / "x.ini")]}):
+        assert ids() == ["leakguard.W001", "leakguard.W010"]
 
 
 @override_settings(
@@ -254,7 +266,7 @@ def test_gunicorn_conf_using_leakguard_settings_counts_as_configured(isolated: P
 @override_settings(LEAKGUARD={"MAX_REQUESTS": 0})
 def test_gunicorn_conf_importing_the_leakguard_module_counts_as_configured(isolated: Path) -> None:
     (isolated / "gunicorn.conf.py").write_text(
-        "from django_leakguard import gunicorn_conf\nmax_requests = gunicorn_conf.max_requests\n"
+        "from django_leakguard import gunicorn_conf\npost_request = gunicorn_conf.post_request\n"
     )
     assert run() == []
 
@@ -304,7 +316,7 @@ def test_gunicorn_configs_that_cannot_be_found_warn(isolated: Path) -> None:
     assert "No module named 'no_such_module_lg'" in messages[1].msg
 
 
-# uWSGI: leakguard.W003, W004, W005, W010
+# uWSGI: leakguard.W003, W004, W005, W010, W012
 
 
 def write_ini(path: Path, body: str) -> Path:
@@ -383,6 +395,37 @@ def test_w005_silent_with_max_tasks(isolated: Path) -> None:
         isolated / "uwsgi.ini",
         "[uwsgi]\nmax-requests = 1000\nspooler = /tmp/a\nspooler-max-tasks = 100\n",
     )
+    assert run() == []
+
+
+def test_w012_uwsgi_without_threads_on_a_release_that_does_not_enable_them(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_configs, "uwsgi_version", lambda: (2, 0, 26))
+    write_ini(isolated / "uwsgi.ini", "[uwsgi]\nmax-requests = 1000\nthreads = 1\n")
+    message = only("leakguard.W012")
+    assert "flush thread only runs while requests run" in message.msg
+    assert message.hint == (
+        f"Add `enable-threads = true` to the [uwsgi] section of {isolated / 'uwsgi.ini'}."
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "body"),
+    [
+        ((2, 0, 26), "enable-threads = true\n"),
+        ((2, 0, 26), "enable-threads\n"),
+        ((2, 0, 26), "threads = 4\n"),
+        ((2, 0, 26), "threads = %(cores)\n"),
+        ((2, 0, 27), ""),  # threads on by default since 2.0.27
+        (None, ""),  # unknown: taken to be a current uWSGI
+    ],
+)
+def test_w012_silent(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch, version: object, body: str
+) -> None:
+    monkeypatch.setattr(server_configs, "uwsgi_version", lambda: version)
+    write_ini(isolated / "uwsgi.ini", "[uwsgi]\nmax-requests = 1000\n" + body)
     assert run() == []
 
 
@@ -470,7 +513,9 @@ def test_uwsgi_live_options_under_a_running_uwsgi(tmp_path: Path) -> None:
         "import django\n"
         "django.setup()\n"
         "from django.core import checks\n"
-        "found = [(m.id, m.msg) for m in checks.run_checks(tags=['leakguard'])]\n"
+        # The in-memory database has no tables (leakguard.W011): not what this test is about.
+        "found = [(m.id, m.msg) for m in checks.run_checks(tags=['leakguard'])\n"
+        "         if m.id != 'leakguard.W011']\n"
         "if cov is not None:\n"
         "    cov.stop()\n"
         "    cov.save()\n"
@@ -640,9 +685,19 @@ def test_w007_silent_without_limits_on_solo() -> None:
 # manage.py check
 
 
+# What the admin needs (tests/settings.py installs it), without leakguard's middleware.
+ADMIN_ONLY = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+
 # Django 6 runs the database checks in `check` too (JSONField support on SQLite).
 @pytest.mark.django_db
-@override_settings(MIDDLEWARE=[], SILENCED_SYSTEM_CHECKS=["leakguard.W008", "leakguard.W001"])
+@override_settings(
+    MIDDLEWARE=ADMIN_ONLY, SILENCED_SYSTEM_CHECKS=["leakguard.W008", "leakguard.W001"]
+)
 def test_silenced_system_checks_silence_them(isolated: Path) -> None:
     (isolated / "gunicorn.conf.py").write_text("workers = 2\n")
     stdout, stderr = StringIO(), StringIO()
@@ -652,7 +707,7 @@ def test_silenced_system_checks_silence_them(isolated: Path) -> None:
 
 
 @pytest.mark.django_db
-@override_settings(MIDDLEWARE=[])
+@override_settings(MIDDLEWARE=ADMIN_ONLY)
 def test_manage_py_check_prints_warnings(isolated: Path) -> None:
     (isolated / "uwsgi.ini").write_text("[uwsgi\nbroken\n")
     stdout, stderr = StringIO(), StringIO()
@@ -662,7 +717,7 @@ def test_manage_py_check_prints_warnings(isolated: Path) -> None:
     assert "(leakguard.W010)" in output
 
 
-def test_testproject_as_shipped_prints_no_leakguard_message() -> None:
+def test_testproject_as_shipped_prints_no_leakguard_message(tmp_path: Path) -> None:
     testproject = ROOT / "testproject"
     # Recycling is configured for every server the test project ships a config for.
     for shipped in ("gunicorn.conf.py", "uwsgi.ini", "testproject/celery.py"):
@@ -673,6 +728,16 @@ def test_testproject_as_shipped_prints_no_leakguard_message() -> None:
         if key not in ("DJANGO_SETTINGS_MODULE", "GUNICORN_CMD_ARGS", "DATABASE_URL")
         and not key.startswith("LEAKGUARD_")
     }
+    # A migrated database of its own (leakguard.W011 reports missing tables).
+    env["DATABASE_URL"] = f"sqlite://{tmp_path / 'db.sqlite3'}"
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v", "0"],
+        cwd=testproject,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     completed = subprocess.run(
         [sys.executable, "manage.py", "check"],
         cwd=testproject,
@@ -686,3 +751,236 @@ def test_testproject_as_shipped_prints_no_leakguard_message() -> None:
     assert completed.returncode == 0, output
     assert "leakguard" not in output.lower(), output
     assert "System check identified no issues" in output
+
+
+# Input robustness (issue 14, items 8 to 10) --------------------------------------------------
+
+
+@override_settings(
+    LEAKGUARD={
+        "FLUSH_INTERVAL": 10**400,
+        "WORKER_MAX_MEMORY": "1" + "0" * 400 + "MB",
+        "DATABASE": "stats",
+    }
+)
+def test_e001_values_that_overflowed_and_a_missing_alias() -> None:
+    messages = run()
+    assert [message.id for message in messages] == ["leakguard.E001"] * 3
+    assert "FLUSH_INTERVAL" in messages[0].msg
+    assert "WORKER_MAX_MEMORY" in messages[1].msg
+    assert "DATABASE should be the alias of a database in DATABASES" in messages[2].msg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_e001_flush_interval_not_finite(value: float) -> None:
+    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": value}):
+        assert "FLUSH_INTERVAL" in only("leakguard.E001").msg
+
+
+@override_settings(INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"])
+def test_e002_middleware_without_the_app() -> None:
+    message = only("leakguard.E002")
+    assert message.level == checks.ERROR
+    assert "'django_leakguard' is not in INSTALLED_APPS" in message.msg
+    assert "python manage.py migrate django_leakguard" in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    "first", ["django_leakguard.middleware", "django_leakguard.conf", "django_leakguard.asgi"]
+)
+def test_e002_whatever_part_of_the_package_is_imported_first(tmp_path: Path, first: str) -> None:
+    # A fresh process, as `manage.py check` is: the app's ready() never runs, and only the
+    # module named is imported before the checks.
+    (tmp_path / "noapp_settings.py").write_text(
+        "SECRET_KEY = 'x'\n"
+        "INSTALLED_APPS = ['django.contrib.contenttypes', 'django.contrib.auth']\n"
+        f"MIDDLEWARE = [{MIDDLEWARE_PATH!r}]\n"
+        "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}}\n"
+    )
+    script = (
+        f"import {first}; from django.core.management import execute_from_command_line; "
+        "execute_from_command_line(['manage.py', 'check'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "noapp_settings",
+            "PYTHONPATH": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "leakguard.E002" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1
+
+
+@override_settings(
+    INSTALLED_APPS=["django.contrib.contenttypes"],
+    MIDDLEWARE=["django.middleware.common.CommonMiddleware"],
+)
+def test_e002_not_without_the_middleware() -> None:
+    assert "leakguard.E002" not in ids()
+
+
+@pytest.mark.django_db
+def test_w011_tables_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import connection
+
+    assert run() == []  # migrated
+    monkeypatch.setattr(
+        connection.introspection, "table_names", lambda: ["django_leakguard_worker"]
+    )
+    message = only("leakguard.W011")
+    assert "'default' has no table django_leakguard_growth," in message.msg
+    assert message.hint == "Run `python manage.py migrate django_leakguard`."
+
+
+def stats_alias(monkeypatch: pytest.MonkeyPatch, **settings_dict: object) -> None:
+    """Add a database alias "stats" (overriding DATABASES is not supported)."""
+    from django.db import connections
+
+    monkeypatch.setitem(
+        connections.settings, "stats", {**connections.settings["default"], **settings_dict}
+    )
+    monkeypatch.setattr(connections._connections, "stats", None, raising=False)
+    monkeypatch.delattr(connections._connections, "stats")
+
+
+@pytest.mark.django_db
+def test_w011_hint_names_another_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import connections
+
+    stats_alias(monkeypatch)
+    with override_settings(LEAKGUARD={"DATABASE": "stats"}):
+        monkeypatch.setattr(connections["stats"].introspection, "table_names", list)
+        message = only("leakguard.W011")
+    assert "django_leakguard_growth or django_leakguard_worker" in message.msg
+    assert message.hint == "Run `python manage.py migrate django_leakguard --database stats`."
+
+
+def test_w011_silent_when_the_database_cannot_be_reached() -> None:
+    # Outside django_db, pytest-django refuses the connection, as an unreachable server would.
+    assert run() == []
+
+
+@override_settings(LEAKGUARD={"RECORD": False})
+def test_w011_not_when_nothing_is_recorded() -> None:
+    assert run() == []
+
+
+def test_w011_does_not_create_a_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "missing.sqlite3"
+    stats_alias(monkeypatch, NAME=str(path))
+    with override_settings(LEAKGUARD={"DATABASE": "stats"}):
+        assert "django_leakguard_growth" in only("leakguard.W011").msg
+    assert not path.exists()
+
+
+# Where configs are found (issue 16.4) and which one Gunicorn really uses (16.8) -----------------
+
+
+def test_gunicorn_config_setting_says_which_config_is_used(isolated: Path) -> None:
+    # Started with -c python:django_leakguard.gunicorn_conf: a stray gunicorn.conf.py is unused.
+    (isolated / "gunicorn.conf.py").write_text("workers = 3\n")
+    assert ids() == ["leakguard.W001"]
+    with override_settings(LEAKGUARD={"GUNICORN_CONFIG": ["python:" + GUNICORN_CONF]}):
+        assert run() == []
+
+
+def test_procfile_gunicorn_command_says_which_config_is_used(isolated: Path) -> None:
+    (isolated / "gunicorn.conf.py").write_text("workers = 3\n")
+    (isolated / "Procfile").write_text(f"web: gunicorn -c python:{GUNICORN_CONF} site.wsgi\n")
+    assert run() == []
+
+
+def test_procfile_gunicorn_command_options(isolated: Path) -> None:
+    (isolated / "Procfile").write_text(
+        "web: gunicorn site.wsgi --max-requests 500\nworker: gunicorn --workers=x site.wsgi\n"
+    )
+    messages = sorted(run(), key=lambda message: message.id or "")
+    assert [message.id for message in messages] == ["leakguard.W002", "leakguard.W010"]
+    assert messages[0].hint == (
+        f"Add --max-requests-jitter 25 to the gunicorn command in {isolated / 'Procfile'} (web)."
+    )
+    assert "(worker)" in messages[1].msg
+
+
+def test_procfile_gunicorn_command_reads_the_config_of_its_directory(isolated: Path) -> None:
+    (isolated / "gunicorn.conf.py").write_text("max_requests = 9\n")
+    (isolated / "deploy").mkdir()
+    (isolated / "deploy" / "g.py").write_text("max_requests = 9\nmax_requests_jitter = 1\n")
+    (isolated / "Procfile").write_text("web: gunicorn site.wsgi\n")
+    assert ids() == ["leakguard.W002"]
+    (isolated / "Procfile").write_text("web: gunicorn -c deploy/g.py site.wsgi\n")
+    assert run() == []
+    (isolated / "Procfile").write_text("web: gunicorn -c deploy/g.py site.wsgi --max-requests 0\n")
+    message = only("leakguard.W001")
+    assert message.hint.startswith("Set `max_requests = 1000`, `max_requests_jitter = 50` in ")
+
+
+def test_procfile_gunicorn_command_without_a_config_file(isolated: Path) -> None:
+    (isolated / "Procfile").write_text("web: gunicorn site.wsgi\n")
+    message = only("leakguard.W001")
+    assert message.hint == (
+        "Add --max-requests 1000 --max-requests-jitter 50 to the gunicorn command in "
+        f"{isolated / 'Procfile'} (web)."
+    )
+
+
+def test_gunicorn_config_in_base_dir_parent_deploy_dir(isolated: Path) -> None:
+    (isolated / "src").mkdir()
+    (isolated / "deploy").mkdir()
+    (isolated / "deploy" / "gunicorn.py").write_text("workers = 2\n")
+    os.chdir(isolated / "src")
+    with override_settings(BASE_DIR=isolated / "src"):
+        message = only("leakguard.W001")
+    assert str(isolated / "deploy" / "gunicorn.py") in message.msg
+
+
+def test_dockerfile_uwsgi_command(isolated: Path) -> None:
+    (isolated / "docker").mkdir()
+    (isolated / "docker" / "uwsgi.ini").write_text("[uwsgi]\nprocesses = 4\n")
+    (isolated / "docker" / "Dockerfile").write_text(
+        'CMD ["uwsgi", "--ini", "uwsgi.ini", "--max-requests", "100"]\n'
+    )
+    message = only("leakguard.W004")
+    assert str(isolated / "docker" / "uwsgi.ini") in message.msg
+
+
+def test_uwsgi_command_without_an_ini_file(isolated: Path) -> None:
+    (isolated / "Procfile").write_text(
+        "web: uwsgi --module=site.wsgi stray -M -p 4 --http :8000 -R 100 --vacuum --spooler /s\n"
+        "missing: uwsgi deploy/missing.ini:app\n"
+    )
+    messages = run()
+    assert [message.id for message in messages] == [
+        "leakguard.W004",
+        "leakguard.W005",
+        "leakguard.W010",
+    ]
+    where = f"the uwsgi command in {isolated / 'Procfile'} (web)"
+    assert (
+        messages[0].hint
+        == f"Add `max-requests-delta = 2` to {where} (needs uWSGI 2.0.29 or later)."
+    )
+    assert str(isolated / "deploy" / "missing.ini") in messages[2].msg
+
+
+def test_i001_no_server_config_found(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    [message] = checks.run_checks(tags=["leakguard"])
+    assert message.id == "leakguard.I001"
+    assert message.level == checks.INFO
+    assert "LEAKGUARD['GUNICORN_CONFIG']" in (message.hint or "")
+    (isolated / "Procfile").write_text("web: uwsgi --ini uwsgi.ini\n")
+    assert checks.run_checks(tags=["leakguard"])[0].id == "leakguard.W010"
+    (isolated / "Procfile").unlink()
+    with override_settings(LEAKGUARD={"UWSGI_INI": ["x.ini"]}):
+        assert [m.id for m in checks.run_checks(tags=["leakguard"])] == ["leakguard.W010"]
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--max-requests 10 --max-requests-jitter 1")
+    assert checks.run_checks(tags=["leakguard"]) == []

@@ -100,18 +100,21 @@ def report(env: dict[str, str]) -> dict[str, object]:
     return json.loads(output)  # type: ignore[no-any-return]
 
 
-def stored_calls(env: dict[str, str], kind: str) -> Counter[str]:
+def assert_boot_times(env: dict[str, str]) -> None:
+    """Every worker row knows when its process started and served its first call (jitter.py)."""
     output = servers.manage(
         env,
         "shell",
         "-c",
         "import json\n"
-        "from django.db.models import Sum\n"
-        "from django_leakguard.models import Growth\n"
-        f"rows = Growth.objects.filter(kind={kind!r}).values('key').annotate(n=Sum('calls'))\n"
-        "print(json.dumps({row['key']: row['n'] for row in rows}))",
+        "from django_leakguard.models import Worker\n"
+        "print(json.dumps([(w.first_call_at - w.process_started_at).total_seconds()"
+        " for w in Worker.objects.filter(kind='request')]))",
     )
-    return Counter(json.loads(output.strip().splitlines()[-1]))
+    boots = json.loads(output.strip().splitlines()[-1])
+    assert len(boots) >= 2, boots
+    # A worker boots (Django set up, or forked from a preloaded master) in well under 30 s.
+    assert all(0 < boot < 30 for boot in boots), boots
 
 
 def assert_leak_ranked_first(env: dict[str, str], kind: str) -> list[dict[str, Any]]:
@@ -165,7 +168,8 @@ def test_gunicorn(
     assert "Autorestarting worker after current request" in log
 
     # (a) Every request is stored exactly once, although workers were recycled.
-    assert stored_calls(env, "request") == expected
+    assert servers.stored_calls(env, "request") == expected
+    assert_boot_times(env)
 
     # (b) A leak ranks first; the transient spike is not in the top three.
     assert_leak_ranked_first(env, "request")
@@ -207,7 +211,7 @@ def test_uwsgi(tmp_path: Path, database: str) -> None:
         log = server.log()
     expected["/"] += 1  # the readiness probe
     assert "The work of process" in log  # uWSGI recycled workers (max-requests)
-    assert stored_calls(env, "request") == expected
+    assert servers.stored_calls(env, "request") == expected
     assert_leak_ranked_first(env, "request")
     served = servers.runs(servers.uwsgi_request_pids(log))
     assert len(served) >= 4, served
@@ -266,7 +270,7 @@ def test_celery_prefork(tmp_path: Path, database: str) -> None:
             time.sleep(0.2)
         assert len(done) == len(calls), server.log()
         time.sleep(1.5)  # the last children finish their task bookkeeping
-    assert stored_calls(env, "task") == expected
+    assert servers.stored_calls(env, "task") == expected
     rows = assert_leak_ranked_first(env, "task")
     assert rows[0]["key"] == "shop.tasks.leak_retain"
     served = servers.runs([int(pid) for pid in done])

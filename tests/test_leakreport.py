@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import io
 import json
 import os
@@ -15,8 +16,9 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.utils import timezone
 
-from django_leakguard import memory, uwsgi_log
+from django_leakguard import memory
 from django_leakguard.models import Growth, Worker
+from django_leakguard.reporting import detail, pages, uwsgi_log, uwsgi_parallel
 from tests.test_uwsgi_log import mixed_log
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uwsgi-memory-report.log"
@@ -97,12 +99,12 @@ def fill(heap: bool = True) -> None:
 
 
 TABLE = """\
-Ranked by net heap growth (the memory each key kept); top 3 of 3 keys, 270 calls.
+Ranked by memory kept (C heap and small objects; caches that level off, and keys with fewer than 5 readings, after the others); top 3 of 3 keys, 270 calls.
 
-#  kind     key                calls  heap/call  heap kept   RSS/call  share  grew
-1  request  /leak/retain/        200   64.0 KiB   12.5 MiB    1.0 KiB  99.8%   10%
-2  task     shop.tasks.export     20    1.0 KiB   20.0 KiB     -205 B   0.2%    0%
-3  request  /spike/               50        0 B        0 B  244.1 KiB   0.0%   50%
+#  kind     key                view                    calls  readings  heap/call  heap kept   RSS/call  share  grew
+1  request  /leak/retain/      shop.views.leak_retain    200       200   64.0 KiB   12.5 MiB    1.0 KiB  99.8%   10%
+2  task     shop.tasks.export  -                          20    20 low    1.0 KiB   20.0 KiB     -205 B   0.2%    0%
+3  request  /spike/            -                          50        50        0 B        0 B  244.1 KiB   0.0%   50%
 
 Workers: 2 seen (at most 2 at once on one host), 270 requests and tasks served, mean RSS growth +10.0 KiB per request.
 With MAX_REQUESTS = 1,000, a worker grows about 9.8 MiB before it is recycled (from 60.0 MiB at its first request to about 69.8 MiB).
@@ -179,6 +181,12 @@ def test_json_schema() -> None:
         "traced_calls": 0,
         "retained_bytes": None,
         "retained_per_call_bytes": None,
+        "confidence": "high",
+        "trend": None,
+        "blocks_growth": 0,
+        "late_readings": 0,
+        "late_heap_growth_bytes": 0,
+        "late_blocks_growth": 0,
     }
     assert data["totals"] == {
         "keys": 3,
@@ -211,13 +219,56 @@ def test_csv() -> None:
         "rank,kind,key,view,calls,heap_calls,heap_growth_bytes,heap_growth_per_call_bytes,"
         "heap_growth_max_bytes,rss_growth_bytes,rss_growth_per_call_bytes,"
         "rss_growth_positive_bytes,rss_growth_max_bytes,rss_grew_fraction,share,"
-        "traced_calls,retained_bytes,retained_per_call_bytes"
+        "traced_calls,retained_bytes,retained_per_call_bytes,confidence,trend,blocks_growth,"
+        "late_readings,late_heap_growth_bytes,late_blocks_growth"
     )
     assert lines[1] == (
         "1,request,/leak/retain/,shop.views.leak_retain,200,200,13107200,65536,65536,"
-        "204800,1024,409600,65536,0.1,0.9984,0,,"
+        "204800,1024,409600,65536,0.1,0.9984,0,,,high,,0,0,0,0"
     )
     assert len(lines) == 4
+
+
+def test_empty_database_for_tasks_names_celery_not_the_middleware(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    output = run("--kind", "task")
+    assert output.startswith("No task recorded since ")
+    assert "django_leakguard.celery.configure(app)" in output
+    assert "Middleware" not in output
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "celery" else real_find_spec(name, *args),
+    )
+    output = run("--kind", "task")
+    assert "Celery is not installed here" in output
+    assert "Middleware" not in output
+
+
+@override_settings(LEAKGUARD={"CELERY_MAX_TASKS_PER_CHILD": 5000, "MAX_REQUESTS": 7})
+def test_task_report_recommends_the_celery_task_limit() -> None:
+    fill()
+    for pid in (21, 22):
+        Worker.objects.create(
+            host="worker-1",
+            pid=pid,
+            kind="task",
+            started_at=timezone.now() - dt.timedelta(minutes=30),
+            rss_first=60 * 1024 * 1024,
+            rss_last=60 * 1024 * 1024 + 200 * 100 * 1024,
+            calls=200,
+            last_seen=timezone.now(),
+        )
+    Growth.objects.filter(kind="task").update(calls=100)
+    output = run("--kind", "task")
+    assert "With CELERY_MAX_TASKS_PER_CHILD = 5,000, a worker grows about" in output
+    assert "at its first task" in output
+    assert "Largest CELERY_MAX_TASKS_PER_CHILD that keeps a worker under its share" in output
+    assert "MAX_REQUESTS" not in output.replace("CELERY_MAX_TASKS_PER_CHILD", "")
+    data = json.loads(run("--kind", "task", "--format", "json"))
+    assert data["recommendation"]["max_requests"] == 5000
 
 
 def test_empty_database() -> None:
@@ -271,7 +322,7 @@ def test_missing_tables() -> None:
         editor.delete_model(Growth)
     try:
         with pytest.raises(
-            CommandError, match=re.escape("Run 'manage.py migrate django_leakguard'")
+            CommandError, match=re.escape("Run `python manage.py migrate django_leakguard`.")
         ):
             run()
     finally:
@@ -327,17 +378,17 @@ def test_uwsgi_log_json_and_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_uwsgi_log_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "uwsgi.log"
     mixed_log(log, 2000)
-    monkeypatch.setattr(uwsgi_log, "PARALLEL_MIN_SIZE", 100_000)
-    monkeypatch.setattr(uwsgi_log, "RANGE_SIZE", 20_000)
+    monkeypatch.setattr(uwsgi_parallel, "PARALLEL_MIN_SIZE", 100_000)
+    monkeypatch.setattr(uwsgi_parallel, "RANGE_SIZE", 20_000)
     monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
     split: list[int] = []
-    feed_split = uwsgi_log._feed_split
+    feed_split = uwsgi_parallel.feed_split
 
     def spy(*args: Any) -> None:
         split.append(args[3].jobs)
         feed_split(*args)
 
-    monkeypatch.setattr(uwsgi_log, "_feed_split", spy)
+    monkeypatch.setattr(uwsgi_parallel, "feed_split", spy)
     for fmt in ("table", "json"):
         serial = run("--uwsgi-log", str(log), "--format", fmt, "--jobs", "1")
         assert split == []
@@ -345,7 +396,9 @@ def test_uwsgi_log_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         assert split.pop() == 2
         # auto: the CPUs this process may use (at least 2 for a pool, else no split).
         assert run("--uwsgi-log", str(log), "--format", fmt) == serial
-        assert split == ([uwsgi_log.default_jobs()] if uwsgi_log.default_jobs() > 1 else [])
+        assert split == (
+            [uwsgi_parallel.default_jobs()] if uwsgi_parallel.default_jobs() > 1 else []
+        )
         split.clear()
 
 
@@ -357,9 +410,9 @@ def killed(*args: object) -> None:
 def test_uwsgi_log_worker_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "uwsgi.log"
     mixed_log(log, 2000)
-    monkeypatch.setattr(uwsgi_log, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(uwsgi_parallel, "PARALLEL_MIN_SIZE", 0)
     monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
-    monkeypatch.setattr(uwsgi_log, "_parse_range", killed)
+    monkeypatch.setattr(uwsgi_parallel, "_parse_range", killed)
     with pytest.raises(CommandError, match=r"ended abruptly .*Run again with --jobs 1"):
         run("--uwsgi-log", str(log), "--jobs", "2")
 
@@ -499,6 +552,29 @@ def test_detail_prints_the_top_sites() -> None:
     ]
 
 
+def test_detail_takes_a_url_name_or_a_view_as_well_as_a_key() -> None:
+    fill_traced()
+    by_key = run("--detail", "/leak/retain/")
+    assert run("--detail", "shop:leak-retain") == by_key
+    assert run("--detail", "shop.views.leak_retain") == by_key
+    data = json.loads(run("--detail", "shop:leak-retain", "--format", "json"))
+    assert (data["key"], data["details"][0]["key"]) == ("shop:leak-retain", "/leak/retain/")
+    with pytest.raises(CommandError, match="a URL name \\(shop:product\\)"):
+        run("--detail", "shop:no-such-name")
+
+
+def test_table_shows_each_key_s_view() -> None:
+    fill_traced()
+    Growth.objects.filter(key="/spike/").update(view="project.apps." + "x" * 40 + ".views.spike")
+    lines = run().splitlines()
+    header = next(line for line in lines if line.startswith("#"))
+    assert header.split()[:5] == ["#", "kind", "key", "view", "calls"]
+    assert "shop.views.leak_retain" in next(line for line in lines if "/leak/retain/" in line)
+    assert "  …" + ("x" * 27) + ".views.spike  " in next(
+        line for line in lines if "/spike/" in line
+    )
+
+
 def test_detail_json_and_csv() -> None:
     fill_traced()
     data = json.loads(run("--detail", "/leak/small/", "--format", "json"))
@@ -572,12 +648,126 @@ def test_detail_errors(args: tuple[str, ...], message: str) -> None:
 def test_detail_without_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     from django.db import DatabaseError
 
-    from django_leakguard import report
-
     def missing(*args: object) -> None:
         raise DatabaseError("no such table: django_leakguard_growth")
 
     # Dropping the tables would disturb the other tests' database; the query is made to fail.
-    monkeypatch.setattr(report, "details_from_database", missing)
-    with pytest.raises(CommandError, match=r"Run 'manage\.py migrate django_leakguard'"):
+    monkeypatch.setattr(detail, "details_from_database", missing)
+    with pytest.raises(CommandError, match=r"Run `python manage\.py migrate django_leakguard`\."):
         run("--detail", "/a/")
+
+
+# Input robustness (issue 14, items 7 and 8) --------------------------------------------------
+
+
+def test_uwsgi_log_paths_never_print_control_characters(tmp_path: Path) -> None:
+    from tests.test_uwsgi_log import line
+
+    log = tmp_path / "uwsgi.log"
+    hostile = "/x%1b]title;pwned%07/%0d/"
+    log.write_bytes(b"".join(line(1, req, 1000 * req, hostile) for req in range(1, 202)))
+    for fmt in ("table", "csv"):
+        output = run("--uwsgi-log", str(log), "--group-by", "pattern", "--format", fmt)
+        assert "/x\\x1b]title;pwned\\x07/\\x0d/" in output
+        assert not {"\x1b", "\x07", "\r"} & set(output)
+
+
+def test_uwsgi_log_from_a_pipe() -> None:
+    from tests.test_uwsgi_log import pipe_of
+
+    with pipe_of(FIXTURE.read_bytes()) as name:
+        output = run("--uwsgi-log", name, "--format", "json", "--jobs", "2")
+    assert json.loads(output)["rows"][0]["key"] == "/leak/retain/"
+
+
+def test_reset_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    fill()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(CommandError, match=r"no terminal to answer on .* Pass --no-input"):
+        run("--reset")
+    assert Growth.objects.count() == 5
+
+
+@pytest.mark.parametrize(
+    ("leakguard", "message"),
+    [
+        ({"DATABASE": "stats"}, "DATABASE should be the alias of a database in DATABASES"),
+        ({"FLUSH_INTERVAL": 10**400}, "FLUSH_INTERVAL should be a positive number"),
+        (
+            {"WORKER_MAX_MEMORY": "1" + "0" * 400 + "MB", "MAX_REQUEST": 1},
+            r"WORKER_MAX_MEMORY is invalid: .* \(1 more: run manage.py check\)$",
+        ),
+    ],
+)
+def test_invalid_settings_are_one_line_errors(leakguard: dict[str, object], message: str) -> None:
+    with (
+        override_settings(LEAKGUARD=leakguard),
+        pytest.raises(CommandError, match=message) as info,
+    ):
+        run("--reset", "--no-input")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_tables_in_another_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import DatabaseError
+
+    from tests.test_checks import stats_alias
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise DatabaseError("no such table: django_leakguard_growth")
+
+    stats_alias(monkeypatch)
+    monkeypatch.setattr(pages, "rows_from_database", missing)
+    with override_settings(LEAKGUARD={"DATABASE": "stats"}), pytest.raises(CommandError) as info:
+        run()
+    assert str(info.value).endswith(
+        "Run `python manage.py migrate django_leakguard --database stats`."
+    )
+
+
+# --format html and --output
+
+
+def test_html_to_a_file(tmp_path: Path) -> None:
+    fill()
+    target = tmp_path / "report.html"
+    out, err = io.StringIO(), io.StringIO()
+    call_command(
+        "leakreport",
+        "--format",
+        "html",
+        "-o",
+        str(target),
+        "--since",
+        "3h",
+        stdout=out,
+        stderr=err,
+    )
+    assert out.getvalue() == ""
+    assert err.getvalue() == f"Wrote {target}\n"
+    text = target.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert 'data-key="/leak/retain/"' in text
+
+
+def test_html_to_standard_output() -> None:
+    fill()
+    assert run("--format", "html").startswith("<!DOCTYPE html>")
+
+
+def test_output_of_other_formats(tmp_path: Path) -> None:
+    fill()
+    target = tmp_path / "report.json"
+    call_command("leakreport", "--format", "json", "--output", str(target), stderr=io.StringIO())
+    assert json.loads(target.read_text())["rows"][0]["key"] == "/leak/retain/"
+
+
+def test_output_to_an_unwritable_place(tmp_path: Path) -> None:
+    fill()
+    with pytest.raises(CommandError, match=r"^Cannot write .*missing/report\.html: "):
+        run("--format", "html", "-o", str(tmp_path / "missing" / "report.html"))
+
+
+def test_html_from_a_uwsgi_log_is_an_error() -> None:
+    with pytest.raises(CommandError, match="--format html draws the hourly rows stored"):
+        run("--uwsgi-log", str(FIXTURE), "--format", "html")

@@ -8,21 +8,27 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, Client, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.urls import include, path, re_path
 from shop import views
 
-from django_leakguard import memory, recorder
+from django_leakguard import memory, recorder, recorder_heap
 from django_leakguard.middleware import LeakGuardMiddleware, request_key
 from django_leakguard.models import Growth
-from django_leakguard.recorder import UNMATCHED, Recorder, get_recorder
+from django_leakguard.recorder import Recorder
+from django_leakguard.recorder_process import get_recorder
+from django_leakguard.records import UNMATCHED
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +51,7 @@ urlpatterns = [
 
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
-    monkeypatch.setattr(recorder, "HEAP_PROBE_BUDGET", float("inf"))
+    monkeypatch.setattr(recorder_heap, "HEAP_PROBE_BUDGET", float("inf"))
     instance = get_recorder()
     instance.discard()
     yield instance
@@ -62,7 +68,7 @@ def test_keys_are_full_routes_never_paths(rec: Recorder) -> None:
     assert client.get("/").status_code == 200
     assert {key: a.view for (_, key), a in rec.totals().items()} == {
         "/api/<int:version>/items/<slug:slug>/": "tests.test_middleware.nested_view",
-        "/api/<int:version>/old/(?P<n>\\d+)": "tests.test_middleware.nested_view",
+        "/api/<int:version>/old/<n>": "tests.test_middleware.nested_view",
         "/products/<int:pk>/": "shop.views.product",
         UNMATCHED: "",
         "/": "shop.views.home",
@@ -134,23 +140,30 @@ def test_async_views_and_async_middleware(rec: Recorder) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_async_requests_flush_outside_the_event_loop(rec: Recorder) -> None:
+def test_requests_never_flush_and_an_idle_process_flushes_within_the_interval(
+    rec: Recorder,
+) -> None:
+    # Issue 14: the write ran in the request path, and an idle worker never flushed.
     async def get() -> None:
-        client = AsyncClient()
-        with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 1e-9}):
-            await client.get("/health/")
+        await AsyncClient().get("/health/")
 
-    async_to_sync(get)()
-    assert Growth.objects.get(key="/health/").calls == 1
+    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 0.3}):
+        with CaptureQueriesContext(connection) as queries:
+            started = time.monotonic()
+            assert Client().get("/products/1/").status_code == 200
+            async_to_sync(get)()
+        # The flush thread writes through a connection of its own, once the interval is up,
+        # while no request runs.
+        assert not [q for q in queries if "leakguard" in q["sql"]]
+        stored: dict[str, int] = {}
 
+        def both_stored() -> bool:
+            stored.update(Growth.objects.values_list("key", "calls"))
+            return "/health/" in stored
 
-@pytest.mark.django_db(transaction=True)
-def test_sync_requests_flush_when_due(rec: Recorder) -> None:
-    client = Client()
-    client.get("/products/1/")
-    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 1e-9}):
-        client.get("/products/2/")
-    assert Growth.objects.get().calls == 2
+        wait_for(both_stored)
+        assert time.monotonic() - started < 0.3 + 2.5
+    assert stored == {"/products/<int:pk>/": 1, "/health/": 1}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -159,16 +172,17 @@ def test_flush_runs_outside_the_views_transaction(
 ) -> None:
     monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
     seen: list[bool] = []
-    real = recorder.Recorder._flush_locked
+    real = recorder.Recorder._flush_now
 
-    def spy(self: Recorder) -> bool:
+    def spy(self: Recorder, *args: Any, **kwargs: Any) -> bool:
         seen.append(connection.in_atomic_block)
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(recorder.Recorder, "_flush_locked", spy)
-    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 1e-9}):
+    monkeypatch.setattr(recorder.Recorder, "_flush_now", spy)
+    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 0.1}):
         assert Client().get("/products/1/").status_code == 200
-    assert seen == [False]
+        wait_for(lambda: Growth.objects.exists())
+    assert seen[0] is False
     assert Growth.objects.get().calls == 1
 
 
@@ -200,10 +214,33 @@ def test_record_false_records_nothing(rec: Recorder) -> None:
     assert rec.pending() == {}
 
 
-def test_invalid_settings_never_break_a_request(rec: Recorder) -> None:
-    with override_settings(LEAKGUARD={"FLUSH_INTERVAL": "soon"}):
-        assert Client().get("/products/1/").status_code == 200
+def test_invalid_settings_are_logged_once_and_recording_goes_on(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        override_settings(LEAKGUARD={"FLUSH_INTERVAL": "soon", "MAX_REQUEST": 5}),
+        caplog.at_level(logging.WARNING, logger="django_leakguard"),
+    ):
+        client = Client()
+        assert client.get("/products/1/").status_code == 200
+        assert client.get("/products/2/").status_code == 200
+    assert rec.totals()["request", "/products/<int:pk>/"].calls == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "FLUSH_INTERVAL" in messages[0]
+    assert "Did you mean 'MAX_REQUESTS'?" in messages[1]
+
+
+@override_settings(INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "shop"])
+def test_without_the_app_the_middleware_steps_aside_with_one_warning(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="django_leakguard"):
+        assert Client().get("/health/").status_code == 200
     assert rec.pending() == {}
+    [record] = caplog.records
+    assert "'django_leakguard' is not in INSTALLED_APPS" in record.getMessage()
+    assert record.exc_info is None
 
 
 def test_ten_thousand_random_urls_keep_the_keys_bounded(rec: Recorder) -> None:
@@ -226,17 +263,20 @@ def test_database_failure_keeps_requests_and_data(
         cursor.execute("ALTER TABLE django_leakguard_growth RENAME TO leakguard_away")
     try:
         with (
-            override_settings(LEAKGUARD={"FLUSH_INTERVAL": 1e-9}),
+            override_settings(LEAKGUARD={"FLUSH_INTERVAL": 0.05}),
             caplog.at_level(logging.INFO, logger="django_leakguard"),
         ):
             for _ in range(5):
                 assert client.get("/products/1/").status_code == 200
+            # The flush thread keeps failing and retrying; it says so once.
+            wait_for(lambda: "could not write memory measurements" in caplog.text)
+            time.sleep(0.3)
+        rec._flusher.stop(join=5)  # the explicit flush below writes what is kept
     finally:
         with connection.cursor() as cursor:
             cursor.execute("ALTER TABLE leakguard_away RENAME TO django_leakguard_growth")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # one per failure streak
-    assert "could not write memory measurements" in warnings[0].getMessage()
     with caplog.at_level(logging.INFO, logger="django_leakguard"):
         assert rec.flush() is True
     assert "wrote its pending memory measurements again" in caplog.text
@@ -251,10 +291,10 @@ django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from django.test import Client
-from django_leakguard import recorder
+from django_leakguard import recorder_heap
 # Every call reads the heap (sampling has its own tests): the ranking below then does not
 # depend on which few calls a costly heap reading left sampled.
-recorder.HEAP_PROBE_BUDGET = float("inf")
+recorder_heap.HEAP_PROBE_BUDGET = float("inf")
 client = Client()
 n, m = int(sys.argv[1]), int(sys.argv[2])
 for i in range(max(n, m)):
@@ -364,14 +404,15 @@ def test_traced_retain_is_within_ten_percent_and_blames_its_line(traced: Recorde
         assert client.get("/leak/retain/").status_code == 200
     line = views_line("_retained.append(os.urandom(RETAIN_BYTES))")
     aggregate = traced.totals()["request", "/leak/retain/"]
-    assert (aggregate.calls, aggregate.traced_calls) == (10, 10)
+    # A key's first call in a process is warm-up: not traced, as it is not in the heap signal.
+    assert (aggregate.calls, aggregate.traced_calls) == (10, 9)
     per_call = aggregate.traced_retained / aggregate.traced_calls
     assert abs(per_call - views.RETAIN_BYTES) <= 0.10 * views.RETAIN_BYTES, per_call
     assert aggregate.traced_sites[0].location == f"shop/views.py:{line}"
 
     assert traced.flush()
     row = Growth.objects.get(key="/leak/retain/")
-    assert row.traced_calls == 10
+    assert row.traced_calls == 9
     stored_per_call = row.traced_retained / row.traced_calls
     assert abs(stored_per_call - views.RETAIN_BYTES) <= 0.10 * views.RETAIN_BYTES
     top = row.traced_sites[0]
@@ -388,7 +429,7 @@ def test_small_objects_are_caught_by_tracing_though_the_heap_misses_them(
     for _ in range(20):
         client.get("/leak/small/")
     aggregate = traced.totals()["request", "/leak/small/"]
-    assert aggregate.traced_calls == 20
+    assert aggregate.traced_calls == 19  # the first is warm-up
     retained_per_call = aggregate.traced_retained / aggregate.traced_calls
     heap_per_call = aggregate.heap_growth / aggregate.heap_calls
     print(f"traced {retained_per_call:.0f} B per call, heap {heap_per_call:.0f} B per call")
@@ -453,7 +494,9 @@ def test_threaded_requests_keep_only_samples_of_calls_alone(traced: Recorder) ->
     assert retain_line not in {site.location for site in small.traced_sites}
     if retain.traced_calls:
         per_call = retain.traced_retained / retain.traced_calls
-        assert abs(per_call - views.RETAIN_BYTES) <= 0.10 * views.RETAIN_BYTES
+        # Within 15 %: a traced call also holds what its request and response keep at its end
+        # (a few KiB, measured after teardown since the call ends at close).
+        assert abs(per_call - views.RETAIN_BYTES) <= 0.15 * views.RETAIN_BYTES
 
 
 def test_async_requests_are_traced(traced: Recorder) -> None:
@@ -464,4 +507,4 @@ def test_async_requests_are_traced(traced: Recorder) -> None:
 
     async_to_sync(get)()
     aggregate = traced.totals()["request", "/health/"]
-    assert (aggregate.calls, aggregate.traced_calls) == (3, 3)
+    assert (aggregate.calls, aggregate.traced_calls) == (3, 2)  # the first is warm-up

@@ -158,11 +158,3 @@ def test_render_celery_disabled() -> None:
     )
     assert "worker_max_tasks_per_child = None  # CELERY_MAX_TASKS_PER_CHILD is 0" in text
     assert "worker_max_memory_per_child = None" in text
-
-
-@pytest.mark.parametrize(
-    ("size", "text"),
-    [(512, "512 B"), (1536, "1.5 KiB"), (512 * 1024**2, "512.0 MiB"), (3 * 1024**4, "3.0 TiB")],
-)
-def test_format_size(size: int, text: str) -> None:
-    assert recycling.format_size(size) == text

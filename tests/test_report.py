@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -9,46 +10,21 @@ import pytest
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
-from django_leakguard import report
-from django_leakguard.report import Row, Workers
+from django_leakguard.reporting import database
+from django_leakguard.reporting.database import (
+    FILL_KEYS_MAX,
+    SQLITE_MMAP_SIZE,
+    fill_rows,
+    rows_from_database,
+    sqlite_mmap,
+)
+from django_leakguard.reporting.detail import Detail, render_detail
+from django_leakguard.reporting.model import Report, Row, Workers, floor_hour
+from django_leakguard.reporting.ranking import build_report, recommend
+from django_leakguard.reporting.render import render_csv, render_json, render_table
+from django_leakguard.tracing import Site
 
 NOW = dt.datetime(2025, 11, 1, 12, 30, tzinfo=dt.timezone.utc)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("30m", NOW - dt.timedelta(minutes=30)),
-        ("24h", NOW - dt.timedelta(hours=24)),
-        (" 7d ", NOW - dt.timedelta(days=7)),
-        ("2w", NOW - dt.timedelta(weeks=2)),
-        ("2025-10-31", dt.datetime(2025, 10, 31, tzinfo=dt.timezone.utc)),
-        ("2025-10-31T08:00:00+01:00", dt.datetime(2025, 10, 31, 7, tzinfo=dt.timezone.utc)),
-    ],
-)
-def test_parse_since(value: str, expected: dt.datetime) -> None:
-    assert report.parse_since(value, NOW) == expected
-
-
-@pytest.mark.parametrize("value", ["", "5y", "soon", "2026-01-01"])
-def test_parse_since_rejects(value: str) -> None:
-    with pytest.raises(ValueError, match="--since"):
-        report.parse_since(value, NOW)
-
-
-@pytest.mark.parametrize(
-    ("value", "signed", "text"),
-    [
-        (None, False, "n/a"),
-        (0, False, "0 B"),
-        (512, True, "+512 B"),
-        (-1536, False, "-1.5 KiB"),
-        (3 * 1024**2, False, "3.0 MiB"),
-        (5 * 1024**4, False, "5120.0 GiB"),
-    ],
-)
-def test_format_bytes(value: float | None, signed: bool, text: str) -> None:
-    assert report.format_bytes(value, signed) == text
 
 
 def workers(calls: int = 1000, growth: int = 1000 * 1024, seen: int = 2) -> Workers:
@@ -62,13 +38,13 @@ def workers(calls: int = 1000, growth: int = 1000 * 1024, seen: int = 2) -> Work
 
 
 def test_recommend_is_none_when_thin() -> None:
-    assert report.recommend(Workers(), 1000, None, 1024**3) is None
-    assert report.recommend(workers(calls=50), 1000, None, 1024**3) is None
+    assert recommend(Workers(), 1000, None, 1024**3) is None
+    assert recommend(workers(calls=50), 1000, None, 1024**3) is None
 
 
 def test_recommend_lower_limit() -> None:
     # 512 MiB per worker, starting at 100 MiB, growing 1 KiB per request.
-    rec = report.recommend(workers(), 500_000, None, 1024**3)
+    rec = recommend(workers(), 500_000, None, 1024**3)
     assert rec is not None
     assert rec.share == 512 * 1024**2
     assert rec.suggested_max_requests == 412 * 1024
@@ -76,14 +52,23 @@ def test_recommend_lower_limit() -> None:
 
 
 def test_recommend_no_growth() -> None:
-    rec = report.recommend(workers(growth=-5000), 1000, None, 1024**3)
+    rec = recommend(workers(growth=-5000), 1000, None, 1024**3)
     assert rec is not None
     assert rec.suggested_max_requests is None
     assert "Workers do not grow on average (-5 B per request)" in rec.lines[-1]
 
 
+def test_recommend_names_the_limit_and_the_call() -> None:
+    rec = recommend(workers(growth=-5000), 0, None, 1024**3, "CELERY_MAX_TASKS_PER_CHILD", "task")
+    assert rec is not None
+    assert rec.lines == [
+        "CELERY_MAX_TASKS_PER_CHILD is 0: workers are never recycled by task count.",
+        "Workers do not grow on average (-5 B per task): no task limit is needed for memory.",
+    ]
+
+
 def test_recommend_over_share() -> None:
-    rec = report.recommend(workers(), 1000, 50 * 1024**2, 1024**3)
+    rec = recommend(workers(), 1000, 50 * 1024**2, 1024**3)
     assert rec is not None
     assert rec.suggested_max_requests is None
     assert "already above their share of 50.0 MiB (WORKER_MAX_MEMORY 50.0 MiB)" in rec.lines[-1]
@@ -91,7 +76,7 @@ def test_recommend_over_share() -> None:
 
 def test_build_report_rejects_unknown_sort() -> None:
     with pytest.raises(ValueError, match="sort should be"):
-        report.build_report([], Workers(), source="database", since=NOW, until=NOW, sort="x")
+        build_report([], Workers(), source="database", since=NOW, until=NOW, sort="x")
 
 
 def test_rss_per_call_ranking_without_heap() -> None:
@@ -99,7 +84,7 @@ def test_rss_per_call_ranking_without_heap() -> None:
         Row("request", "/a/", calls=10, rss_growth=100),
         Row("request", "/b/", calls=1, rss_growth=50),
     ]
-    built = report.build_report(
+    built = build_report(
         rows, Workers(), source="database", since=NOW, until=NOW, sort="per-call", limit=0
     )
     assert built.ranked_by == "rss-per-call"
@@ -118,8 +103,8 @@ def test_zero_calls_row() -> None:
 
 def test_long_keys_are_shortened_in_the_table() -> None:
     rows = [Row("request", "/" + "x" * 80 + "/", calls=200, heap_calls=200, heap_growth=1)]
-    built = report.build_report(rows, workers(seen=1), source="database", since=NOW, until=NOW)
-    table = report.render_table(built)
+    built = build_report(rows, workers(seen=1), source="database", since=NOW, until=NOW)
+    table = render_table(built)
     assert "/" + "x" * 58 + "…" in table
     assert "Only one worker was seen" in table
 
@@ -139,8 +124,8 @@ def test_sqlite_mmap_is_raised_for_one_query_then_restored(tmp_path: Path) -> No
                 return int(cursor.fetchone()[0])
 
         before = mmap_size()
-        with report.sqlite_mmap(connection):
-            assert mmap_size() == max(before, report.SQLITE_MMAP_SIZE)
+        with sqlite_mmap(connection):
+            assert mmap_size() == max(before, SQLITE_MMAP_SIZE)
         assert mmap_size() == before
     finally:
         connection.close()
@@ -148,7 +133,7 @@ def test_sqlite_mmap_is_raised_for_one_query_then_restored(tmp_path: Path) -> No
 
 @pytest.mark.django_db
 def test_sqlite_mmap_leaves_a_database_in_memory_alone() -> None:
-    with report.sqlite_mmap(connections["default"]):
+    with sqlite_mmap(connections["default"]):
         pass
 
 
@@ -162,27 +147,21 @@ def test_sqlite_mmap_leaves_a_database_in_memory_alone() -> None:
 @pytest.mark.postgres
 @pytest.mark.django_db(databases=["default", "postgres"])
 def test_sqlite_mmap_leaves_other_databases_alone(postgres_url: str) -> None:
-    with report.sqlite_mmap(connections["postgres"]), connections["postgres"].cursor() as cursor:
+    with sqlite_mmap(connections["postgres"]), connections["postgres"].cursor() as cursor:
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
 
 
 def test_heap_kept_scales_sampled_readings_to_all_calls() -> None:
     # The recorder read the heap on 10 of 40 calls: 10 x 64 KiB read, 40 x 64 KiB kept.
-    sampled = report.Row(
-        kind="request", key="/leak/", calls=40, heap_calls=10, heap_growth=10 * 65536
-    )
-    always = report.Row(
-        kind="request", key="/other/", calls=40, heap_calls=40, heap_growth=40 * 1000
-    )
-    unread = report.Row(kind="request", key="/none/", calls=40)
+    sampled = Row(kind="request", key="/leak/", calls=40, heap_calls=10, heap_growth=10 * 65536)
+    always = Row(kind="request", key="/other/", calls=40, heap_calls=40, heap_growth=40 * 1000)
+    unread = Row(kind="request", key="/none/", calls=40)
     assert sampled.heap_per_call == 65536
     assert sampled.heap_kept == 40 * 65536
     assert always.heap_kept == 40 * 1000
     assert unread.heap_kept == 0
-    ranked = report.build_report(
-        [always, sampled], report.Workers(), source="database", since=None, until=None
-    )
+    ranked = build_report([always, sampled], Workers(), source="database", since=None, until=None)
     assert [row.key for row in ranked.rows] == ["/leak/", "/other/"]
     assert ranked.total_heap_growth == 40 * 65536 + 40 * 1000
 
@@ -199,11 +178,23 @@ POSTGRES = pytest.param(
         pytest.mark.django_db(databases=["default", "postgres"]),
     ],
 )
+MYSQL = pytest.param(
+    "mysql",
+    marks=[
+        pytest.mark.skipif(
+            not os.environ.get("LEAKGUARD_TEST_MYSQL_URL")
+            and os.environ.get("LEAKGUARD_REQUIRE_SERVICES") != "1",
+            reason="MySQL tests need LEAKGUARD_TEST_MYSQL_URL",
+        ),
+        pytest.mark.mysql,
+        pytest.mark.django_db(databases=["default", "mysql"]),
+    ],
+)
 DATABASES = pytest.mark.parametrize(
-    "using", [pytest.param("default", marks=pytest.mark.django_db), POSTGRES]
+    "using", [pytest.param("default", marks=pytest.mark.django_db), POSTGRES, MYSQL]
 )
 SINCE = NOW - dt.timedelta(hours=24)
-START = report.floor_hour(SINCE)
+START = floor_hour(SINCE)
 
 
 def store(using: str) -> None:
@@ -258,7 +249,7 @@ A_SHOWN: dict[str, Any] = {
 @DATABASES
 def test_rows_from_database_sums_what_ranks_every_key(using: str) -> None:
     store(using)
-    rows = sorted(report.rows_from_database(SINCE, using=using), key=lambda r: (r.kind, r.key))
+    rows = sorted(rows_from_database(SINCE, using=using), key=lambda r: (r.kind, r.key))
     assert rows == [
         Row("request", "/a/", **A_RANKING),
         Row("request", "/b/", calls=1),
@@ -266,10 +257,10 @@ def test_rows_from_database_sums_what_ranks_every_key(using: str) -> None:
             traced_retained=3),
         Row("task", "t", calls=2),
     ]  # fmt: skip
-    tasks = report.rows_from_database(SINCE, kind="task", using=using)
+    tasks = rows_from_database(SINCE, kind="task", using=using)
     assert sorted(row.key for row in tasks) == ["/a/", "t"]
     # Without the traced figures (what every --sort but retained ranks by).
-    untraced = report.rows_from_database(SINCE, kind="request", using=using, traced=False)
+    untraced = rows_from_database(SINCE, kind="request", using=using, traced=False)
     assert sorted(untraced, key=lambda r: r.key) == [
         Row("request", "/a/", **{**A_RANKING, "traced_calls": 0, "traced_retained": 0}),
         Row("request", "/b/", calls=1),
@@ -277,17 +268,17 @@ def test_rows_from_database_sums_what_ranks_every_key(using: str) -> None:
 
 
 @DATABASES
-@pytest.mark.parametrize(("keys_max", "traced"), [(report.FILL_KEYS_MAX, False), (1, True)])
+@pytest.mark.parametrize(("keys_max", "traced"), [(FILL_KEYS_MAX, False), (1, True)])
 def test_fill_rows_completes_the_rows_shown_only(
     using: str, keys_max: int, traced: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # keys_max 1: more rows shown than keys listed, so the query reads the whole window.
-    monkeypatch.setattr(report, "FILL_KEYS_MAX", keys_max)
+    monkeypatch.setattr(database, "FILL_KEYS_MAX", keys_max)
     store(using)
-    ranked = report.rows_from_database(SINCE, using=using, traced=not traced)
+    ranked = rows_from_database(SINCE, using=using, traced=not traced)
     rows = {(row.kind, row.key): row for row in ranked}
     shown = [rows["request", "/a/"], rows["task", "t"], rows["request", "/b/"]]
-    report.fill_rows(shown, SINCE, using, traced=traced)
+    fill_rows(shown, SINCE, using, traced=traced)
     assert shown == [
         Row("request", "/a/", **A_RANKING, **A_SHOWN),
         Row("task", "t", calls=2, rss_grew_calls=1, view="t.view"),
@@ -303,11 +294,82 @@ def test_fill_rows_without_rows_reads_nothing(
     django_assert_num_queries: Any,
 ) -> None:
     with django_assert_num_queries(0):
-        report.fill_rows([], SINCE)
+        fill_rows([], SINCE)
 
 
 @pytest.mark.django_db
 def test_fill_rows_leaves_a_key_deleted_since_the_ranking_alone() -> None:
     row = Row("request", "/gone/", calls=5)
-    report.fill_rows([row], SINCE)
+    fill_rows([row], SINCE)
     assert row == Row("request", "/gone/", calls=5)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["all", "task"])
+@pytest.mark.parametrize("traced", [True, False])
+@pytest.mark.parametrize("hours_before", [0, 2], ids=["window-filtered", "window-covers-all"])
+def test_ranking_sums_read_the_ranking_index_alone_on_sqlite(
+    kind: str, traced: bool, hours_before: int
+) -> None:
+    from django.test.utils import CaptureQueriesContext
+
+    store("default")
+    since = SINCE - dt.timedelta(hours=hours_before)
+    connection = connections["default"]
+    with CaptureQueriesContext(connection) as queries:
+        rows = rows_from_database(since, kind, traced=traced)
+    assert rows
+    [ranking] = [query["sql"] for query in queries if "GROUP BY" in query["sql"]]
+    assert ('"hour" >=' in ranking) is (hours_before == 0)
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {ranking}")
+        plan = [str(step[-1]) for step in cursor.fetchall()]
+    # No step of the plan reads the table itself, nor sorts the rows.
+    assert len(plan) == 1, plan
+    assert "USING COVERING INDEX leakguard_growth_ranking" in plan[0]
+
+
+# Control characters from clients never reach the terminal (issue 14, item 7) ----------------
+
+HOSTILE = "/a\x1b]0;pwned\x07/\rb/\u202e/"
+SHOWN = "/a\\x1b]0;pwned\\x07/\\x0db/\\u202e/"
+
+
+def hostile_report() -> Report:
+    rows = [Row("request", HOSTILE, calls=200, heap_calls=200, heap_growth=1, view="v\x1b[31m")]
+    log = {"files": ["log\x1b.txt"], "request_lines": 1, "lines": 1, "skipped_lines": 0}
+    log |= {"respawns": 0, "group_by": "pattern", "group_by_reason": "asked"}
+    built = build_report(rows, workers(), source="uwsgi-log", since=None, until=None)
+    built.log = log
+    return built
+
+
+def test_table_escapes_control_characters() -> None:
+    table = render_table(hostile_report())
+    assert SHOWN in table
+    assert "log\\x1b.txt" in table
+    assert not {"\x1b", "\x07", "\r", "\u202e"} & set(table)
+
+
+def test_csv_escapes_control_characters() -> None:
+    text = render_csv(hostile_report())
+    assert f"{SHOWN},v\\x1b[31m," in text
+    assert not {"\x1b", "\x07", "\r", "\u202e"} & set(text)
+
+
+def test_json_keeps_the_key_as_recorded() -> None:
+    data = json.loads(render_json(hostile_report()))
+    assert data["rows"][0]["key"] == HOSTILE
+
+
+def test_detail_escapes_control_characters() -> None:
+    sites = (Site("shop/\x1bviews.py", 3, "x = '\x07'", 100, 1, ("a\x1b:1", "b\r:2")),)
+    details = [Detail("request", HOSTILE, 10, 2, 100, sites)]
+    for fmt in ("table", "csv"):
+        text = render_detail(details, HOSTILE, NOW, fmt)
+        assert SHOWN in text
+        assert "shop/\\x1bviews.py" in text
+        assert "\\x07" in text
+        assert not {"\x1b", "\x07", "\r", "\u202e"} & set(text)
+    untraced = [Detail("request", HOSTILE, 10, 0, 0, ())]
+    assert SHOWN in render_detail(untraced, HOSTILE, NOW, "table")

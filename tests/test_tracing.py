@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import sys
 import threading
@@ -10,10 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.test import Client
+from django.core.handlers.wsgi import WSGIHandler
+from django.http import HttpRequest, HttpResponse
+from django.test import Client, RequestFactory
+from django.urls import path
 from shop import views
 
-from django_leakguard import memory, tracing
+from django_leakguard import memory, tracing, tracing_baseline, tracing_sites
 from django_leakguard.tracing import Site, TraceResult, TraceTotals
 
 VIEWS_SOURCE = Path(views.__file__).read_text().splitlines()
@@ -174,7 +178,7 @@ def test_own_allocations_are_left_out() -> None:
     trace = tracing.start_trace()
     assert trace is not None
     merged = tracing.merge_sites(many, many, top_n=300)  # allocated by django_leakguard
-    lines = [tracing.source_line(__file__, n) for n in range(1, 50)]  # linecache, for us
+    lines = [tracing_sites.source_line(__file__, n) for n in range(1, 50)]  # linecache, for us
     result = trace.stop(top_n=5)
     assert result is not None
     assert result.retained < 2000, result
@@ -300,8 +304,8 @@ def traceback(*frames: tuple[str, int]) -> tracemalloc.Traceback:
     return tracemalloc.Traceback(frames)
 
 
-OWN = tracing._OWN_DIR
-LIBRARY = tracing._LIBRARY_DIRS[0]
+OWN = tracing_sites._OWN_DIR
+LIBRARY = tracing_sites._LIBRARY_DIRS[0]
 
 
 @pytest.mark.parametrize(
@@ -338,29 +342,29 @@ LIBRARY = tracing._LIBRARY_DIRS[0]
     ],
 )
 def test_site_frame(frames: list[tuple[str, int]], expected: tuple[str, int] | None) -> None:
-    frame = tracing.site_frame(traceback(*frames))
+    frame = tracing_sites.site_frame(traceback(*frames))
     assert (frame and (frame.filename, frame.lineno)) == expected
 
 
 def test_is_user_file() -> None:
-    assert tracing.is_user_file(__file__)
-    assert not tracing.is_user_file(json.__file__)
-    assert not tracing.is_user_file(tracing.__file__)
-    assert not tracing.is_user_file("<frozen importlib._bootstrap>")
+    assert tracing_sites.is_user_file(__file__)
+    assert not tracing_sites.is_user_file(json.__file__)
+    assert not tracing_sites.is_user_file(tracing.__file__)
+    assert not tracing_sites.is_user_file("<frozen importlib._bootstrap>")
 
 
 def test_short_filename_uses_the_longest_sys_path_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.path", ["/srv", "/srv/project", ""])
-    assert tracing.short_filename("/srv/project/shop/views.py") == "shop/views.py"
-    assert tracing.short_filename("/srv/lib.py") == "lib.py"
-    assert tracing.short_filename("/elsewhere/x.py") == "/elsewhere/x.py"
+    assert tracing_sites.short_filename("/srv/project/shop/views.py") == "shop/views.py"
+    assert tracing_sites.short_filename("/srv/lib.py") == "lib.py"
+    assert tracing_sites.short_filename("/elsewhere/x.py") == "/elsewhere/x.py"
 
 
 def test_source_line() -> None:
-    assert tracing.source_line(views.__file__, 1).startswith('"""')
-    assert tracing.source_line("/no/such/file.py", 3) == ""
-    long_line = tracing.source_line(__file__, 1)
-    assert len(long_line) <= tracing.MAX_LINE_LENGTH
+    assert tracing_sites.source_line(views.__file__, 1).startswith('"""')
+    assert tracing_sites.source_line("/no/such/file.py", 3) == ""
+    long_line = tracing_sites.source_line(__file__, 1)
+    assert len(long_line) <= tracing_sites.MAX_LINE_LENGTH
 
 
 # Accumulating.
@@ -434,3 +438,226 @@ def test_site_round_trips_through_a_dict() -> None:
 def test_site_from_bad_data_raises_value_error(data: object) -> None:
     with pytest.raises(ValueError, match="not an allocation site"):
         Site.from_dict(data)  # type: ignore[arg-type]
+
+
+# What every call holds at its end anyway (issue 13).
+
+PAGE_BYTES = 32 * 1024
+_orders: list[str] = []
+_pairs: list[tuple[int, int]] = []
+
+
+def big_page_small_leak(request: HttpRequest) -> HttpResponse:
+    _orders.append(f"order-{len(_orders):06}" * 8)  # about 150 bytes kept per call
+    return HttpResponse(os.urandom(PAGE_BYTES))  # a page the server still holds at close
+
+
+def small_tuples(request: HttpRequest) -> HttpResponse:
+    start = len(_pairs)
+    _pairs.extend((start + i, i) for i in range(50))
+    return HttpResponse("imported")
+
+
+def transient_tuples(request: HttpRequest) -> HttpResponse:
+    rows = [(i, -i) for i in range(20_000)]  # freed into the tuple free list at the end
+    return HttpResponse(f"{len(rows)} rows")
+
+
+class Vendor:
+    pass
+
+
+def type_cache_lookup(request: HttpRequest, n: int) -> HttpResponse:
+    # A missed class attribute lookup leaves its (new) name in CPython's type cache.
+    found = getattr(Vendor, "as_vendor_" + str(n), None)
+    return HttpResponse(f"{found}")
+
+
+def plain(request: HttpRequest, n: int) -> HttpResponse:
+    return HttpResponse(f"<p>{n}</p>")
+
+
+def headers_and_cookies(request: HttpRequest, n: int) -> HttpResponse:
+    response = HttpResponse(f"<p>{n}</p>")  # a content type made per response
+    response.headers["X-Request-Number"] = f"request number {n:08}"
+    response.set_cookie("seen", f"cookie value {n:08}" * 4)
+    return response
+
+
+urlpatterns = [
+    path("page/", big_page_small_leak),
+    path("tuples/", small_tuples),
+    path("transient/", transient_tuples),
+    path("vendor/<int:n>/", type_cache_lookup),
+    path("plain/<int:n>/", plain),
+    path("headers/<int:n>/", headers_and_cookies),
+]
+
+
+def module_line(text: str) -> int:
+    source = Path(__file__).read_text().splitlines()
+    return next(number for number, line in enumerate(source, 1) if text in line)
+
+
+@pytest.fixture
+def leaks_cleared() -> Iterator[None]:
+    yield
+    _orders.clear()
+    _pairs.clear()
+
+
+def traced_get(client: Client, path_: str, held: bool = True) -> TraceResult:
+    trace = tracing.start_trace()
+    assert trace is not None
+    response = client.get(path_)
+    assert response.status_code == 200
+    result = trace.stop(20, held=(response,) if held else ())
+    assert result is not None
+    return result
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.usefixtures("leaks_cleared")
+def test_the_response_the_server_still_holds_is_not_retained(client: Client) -> None:
+    for _ in range(3):
+        client.get("/page/")
+    leak_line = f"tests/test_tracing.py:{module_line('_orders.append(')}"
+    page_line = f"tests/test_tracing.py:{module_line('return HttpResponse(os.urandom(')}"
+    # The test client, like a server closing it, still holds the response: its page counts
+    # unless the response is named as held.
+    unheld = traced_get(client, "/page/", held=False)
+    sizes = {s.location: s.size for s in unheld.sites}
+    assert sizes[page_line] >= PAGE_BYTES
+    held = traced_get(client, "/page/")
+    sizes = {s.location: s.size for s in held.sites}
+    assert sizes.get(page_line, 0) < 1024, held.sites
+    assert sizes[leak_line] >= 150
+
+
+def served(path_: str, held: bool = True) -> TraceResult:
+    """Serve path_ as a WSGI server does (not the test client, which keeps the cookies) and
+    trace the call, ended while the server still holds the response."""
+    handler = WSGIHandler()
+    trace = tracing.start_trace()
+    assert trace is not None
+    try:
+        response = handler(RequestFactory().get(path_).environ, lambda *args: None)
+        b"".join(response)
+        response.close()  # request_finished: Django closes the database connections
+    except BaseException:
+        trace.discard()
+        raise
+    result = trace.stop(20, held=(response,) if held else ())
+    assert result is not None
+    return result
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.django_db
+def test_what_the_response_owns_is_not_retained() -> None:
+    # Its headers object, their values (a content type made per response), its cookies and
+    # closers were made under the view's line that made the response, and live as long as
+    # the response the server still holds. (Parts made on other lines are counted there.)
+    served("/headers/1/")
+    line = f"tests/test_tracing.py:{module_line('response = HttpResponse(f')}"
+    kept = {s.location: s.size for s in served("/headers/2/").sites}
+    assert kept.get(line, 0) < 64, kept
+    unheld = {s.location: s.size for s in served("/headers/3/", held=False).sites}
+    assert unheld[line] >= 200  # what held takes off
+
+
+@pytest.mark.urls(__name__)
+def test_small_objects_freed_into_free_lists_are_not_retained(client: Client) -> None:
+    client.get("/transient/")
+    result = traced_get(client, "/transient/")
+    # 20,000 tuples were freed; CPython keeps up to 2,000 of them for reuse (112 KiB).
+    line = f"tests/test_tracing.py:{module_line('rows = [(i, -i)')}"
+    assert all(s.size < 1024 for s in result.sites if s.location == line), [
+        (s.size, s.count) for s in result.sites if s.location == line
+    ]
+    # (Not the total: a global registry that grows during the call, such as weakref.finalize's
+    # on Python 3.12, is a one-time resize kept by whichever call makes it.)
+    here = sum(s.size for s in result.sites if s.filename == "tests/test_tracing.py")
+    assert here < 16 * 1024, result.sites[:3]
+
+
+@pytest.mark.urls(__name__)
+def test_names_kept_by_the_type_cache_are_not_retained(client: Client) -> None:
+    client.get("/vendor/1/")
+    result = traced_get(client, "/vendor/2/")
+    line = f"tests/test_tracing.py:{module_line('found = getattr(Vendor')}"
+    assert line not in {s.location for s in result.sites}
+
+
+def test_baseline_needs_two_keys_and_takes_what_every_call_keeps() -> None:
+    baseline = tracing_baseline.Baseline(calls=4)
+    common, only_a = ("django/x.py", 1), ("lib/y.py", 2)
+    assert baseline.take("a", {common: 100, only_a: 50}) == {}
+    assert baseline.take("a", {common: 120, only_a: 50}) == {}  # one key so far
+    baseline.take("b", {common: 90})
+    # Every recent call kept at least 90 B at common; only_a is missing from b's call.
+    assert baseline.take("a", {common: 200, only_a: 50}) == {common: 90}
+    for _ in range(4):  # older calls leave the window
+        baseline.take("c", {common: 300})
+    assert baseline.take("a", {common: 500}) == {}  # one key in the window again
+    baseline.take("d", {common: 400})
+    assert baseline.take("a", {common: 500}) == {common: 300}
+
+
+def test_take_baseline_takes_from_the_largest_cell_first() -> None:
+    place = ("django/http/response.py", 93)
+    cells = {
+        ("app/views.py", 1): {place: [300, 3]},
+        ("app/views.py", 2): {place: [100, 1], ("app/views.py", 2): [50, 1]},
+    }
+    tracing_baseline.take_baseline(cells, {place: 350})
+    assert cells[("app/views.py", 1)][place] == [0, 0]
+    assert cells[("app/views.py", 2)][place] == [50, 1]
+    assert cells[("app/views.py", 2)][("app/views.py", 2)] == [50, 1]
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.usefixtures("leaks_cleared")
+def test_sampled_calls_name_a_small_leak_beside_a_large_page_and_plain_views() -> None:
+    from django.test import override_settings
+
+    from django_leakguard.recorder_process import get_recorder
+
+    recorder = get_recorder()
+    recorder.discard()
+    client = Client()
+    try:
+        with override_settings(LEAKGUARD={"FLUSH_INTERVAL": 3600, "TRACE_SAMPLE_RATE": 1}):
+            for n in range(12):
+                client.get("/page/")
+                client.get(f"/plain/{n}/")
+                client.get("/tuples/")
+        totals = recorder.totals()
+    finally:
+        recorder.discard()
+    page, plain_view = totals["request", "/page/"], totals["request", "/plain/<int:n>/"]
+    assert page.traced_calls == plain_view.traced_calls == 11  # the first is warm-up
+    assert (
+        page.traced_sites[0].location == f"tests/test_tracing.py:{module_line('_orders.append(')}"
+    )
+    per_call = page.traced_retained / page.traced_calls
+    assert per_call < 1024, per_call  # about 150 B kept, not the 32 KiB page
+    # What a request keeps until the next one (its URL match) is a few hundred bytes.
+    assert plain_view.traced_retained / plain_view.traced_calls < 1024
+
+
+def test_what_only_the_response_refers_to_is_its_own() -> None:
+    shared = "".join(["x"] * 500)  # a cached value several responses refer to
+    response = HttpResponse(b"body")
+    response.headers["X-Own"] = "".join(["own value ", "1" * 300])  # made for this response
+    response.headers["X-Shared"] = shared
+    size, count = tracing_baseline._owned(response, set())
+    own = sys.getsizeof(response.headers["X-Own"])
+    assert size >= own + sys.getsizeof(b"body")
+    shared_too = tracing_baseline._owned(response, set())
+    assert shared_too == (size, count)  # the walk keeps nothing
+    # The shared value is not counted: it outlives the response.
+    assert size < own + sys.getsizeof(shared) + 4096
+    del shared
+    size_alone, _ = tracing_baseline._owned(response, set())
+    assert size_alone == size + sys.getsizeof("x" * 500)  # now only the response holds it

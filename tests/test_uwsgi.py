@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import textwrap
+import threading
 import time
 import types
 from pathlib import Path
@@ -32,21 +34,42 @@ def test_install_chains_an_existing_atexit(monkeypatch: pytest.MonkeyPatch) -> N
     assert fake.atexit is installed  # type: ignore[attr-defined]
     installed()
     assert calls == ["flush", "previous"]
+    from django.core.signals import request_started
+
+    assert request_started.disconnect(dispatch_uid="django_leakguard.uwsgi.register_c_atexit")
+
+
+@pytest.mark.parametrize("worker_id", [None, 0])
+def test_the_c_exit_flush_is_for_uwsgi_workers_only(
+    monkeypatch: pytest.MonkeyPatch, worker_id: int | None
+) -> None:
+    # Registered in this process, it would run after the interpreter's finalization and crash
+    # its exit: only a real uWSGI worker registers it (tested with real servers below).
+    fake = types.ModuleType("uwsgi")
+    if worker_id is not None:
+        fake.worker_id = lambda: worker_id  # type: ignore[attr-defined]  # the master's id
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.setattr(leakguard_uwsgi, "_c_exit_pid", 0)
+    assert leakguard_uwsgi.register_c_atexit() is False
+    assert leakguard_uwsgi._c_exit_hook is None
+    monkeypatch.delitem(sys.modules, "uwsgi")
+    monkeypatch.setattr(leakguard_uwsgi, "_c_exit_pid", 0)
+    assert leakguard_uwsgi.register_c_atexit() is False  # outside uWSGI
 
 
 def test_flush_at_exit_flushes_the_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
-    from django_leakguard import recorder
+    from django_leakguard import recorder_flush, recorder_process
 
     flushed: list[float | None] = []
 
-    def flush(*, timeout: float | None = None) -> bool:
+    def flush(*, timeout: float | None = None, exiting: bool = False) -> bool:
         flushed.append(timeout)
         return True
 
-    monkeypatch.setattr(recorder.get_recorder(), "flush", flush)
+    monkeypatch.setattr(recorder_process.get_recorder(), "flush", flush)
     leakguard_uwsgi.flush_at_exit()
     # With a bounded wait: the exit of a worker never hangs on the recorder.
-    assert flushed == [recorder.EXIT_LOCK_TIMEOUT]
+    assert flushed == [recorder_flush.EXIT_LOCK_TIMEOUT]
 
 
 @pytest.mark.servers
@@ -124,3 +147,78 @@ def test_the_printed_snippet_makes_uwsgi_recycle_and_flush(tmp_path: Path) -> No
     )
     assert served_products >= 3  # a first worker served 4 or 6, one may be the probe
     assert int(rows.strip().splitlines()[-1]) >= served_products
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
+    tmp_path: Path, processes: int
+) -> None:
+    # uWSGI skips uwsgi.atexit, and the interpreter's own exit, in a worker that is inside a
+    # request when it is told to stop (python_plugin.c, uwsgi_python_atexit: "if busy do not
+    # run atexit hooks"); the calls it had served since its last flush were lost without a word.
+    database = tmp_path / "db.sqlite3"
+    env = servers.project_env(database, LEAKGUARD_FLUSH_INTERVAL=3600)  # only the stop writes
+    servers.migrate(env)
+    (tmp_path / "slow_app.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+
+            from testproject.wsgi import application as django_application
+
+
+            def application(environ, start_response):
+                if environ["PATH_INFO"] == "/slow/":  # keeps the worker busy: not recorded
+                    time.sleep(5)
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [b"slow"]
+                return django_application(environ, start_response)
+            """
+        )
+    )
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    port = servers.free_port()
+    command = servers.uwsgi_command(
+        "slow_app:application",
+        port,
+        extra=["--processes", str(processes), "--enable-threads", "--disable-logging"],
+    )
+    with servers.running(
+        "uwsgi",
+        command,
+        env=env,
+        log_path=tmp_path / "uwsgi.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/products/0/"),
+    ) as server:
+        for n in range(1, 30):
+            assert servers.get(server.url(f"/products/{n}/"))[0] == 200
+        # Every worker busy in a request when the stop comes.
+        slow = [
+            threading.Thread(target=_ignore_errors, args=(server.url("/slow/"),))
+            for _ in range(processes)
+        ]
+        for thread in slow:
+            thread.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.stop()
+        exit_seconds = time.monotonic() - started
+        log = server.log()
+        for thread in slow:
+            thread.join(10)
+    stored = servers.stored_calls(env, "request")["/products/<int:pk>/"]
+    lost = sum(
+        int(n.replace(",", "")) for n in re.findall(r"([\d,]+) calls? of [\d,]+ keys? lost", log)
+    )
+    assert stored + lost >= 30, log
+    assert stored == 30, log
+    assert "Traceback" not in log, log
+    assert "signal 11" not in log, log  # the C exit handler runs Python safely
+    assert exit_seconds < 10, log
+
+
+def _ignore_errors(url: str) -> None:
+    with contextlib.suppress(Exception):  # the worker is stopped during the request
+        servers.get(url, timeout=10)

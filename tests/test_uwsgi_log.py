@@ -3,12 +3,14 @@ from __future__ import annotations
 import _thread
 import atexit
 import contextlib
+import functools
 import gc
 import gzip
 import http.client
 import io
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -17,24 +19,31 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from django.conf.urls.i18n import i18n_patterns
 from django.test import override_settings
+from django.urls import path, re_path
+from shop import views
 
-from django_leakguard import uwsgi_log
-from django_leakguard.uwsgi_log import Group, LogParser, parse_logs, path_shape, pattern_key
+from django_leakguard.records import Counts
+from django_leakguard.reporting import logs, model, uwsgi_lines, uwsgi_log, uwsgi_parallel
+from django_leakguard.reporting.logs import parse_logs
+from django_leakguard.reporting.uwsgi_lines import path_shape, pattern_key
+from django_leakguard.reporting.uwsgi_log import LogParser
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uwsgi-memory-report.log"
 KIB = 1024
 
 PATTERN_GROUPS = {
-    "/leak/retain/": Group(4, 896 * KIB, 896 * KIB, 4, 384 * KIB),
-    "/spike/": Group(2, -128 * KIB, 0, 0, 0),
-    "/products/<int>/": Group(2, 136 * KIB, 136 * KIB, 2, 128 * KIB),
-    "/leak/cache/<uuid>/": Group(1, 256 * KIB, 256 * KIB, 1, 256 * KIB),
-    "/nowhere/<int>/": Group(1, 64 * KIB, 64 * KIB, 1, 64 * KIB),
+    "/leak/retain/": Counts(4, 896 * KIB, 896 * KIB, 4, 384 * KIB),
+    "/spike/": Counts(2, -128 * KIB, 0, 0, 0),
+    "/products/<int>/": Counts(2, 136 * KIB, 136 * KIB, 2, 128 * KIB),
+    "/leak/cache/<uuid>/": Counts(1, 256 * KIB, 256 * KIB, 1, 256 * KIB),
+    "/nowhere/<int>/": Counts(1, 64 * KIB, 64 * KIB, 1, 64 * KIB),
 }
 
 
@@ -102,7 +111,7 @@ def test_last_line_without_newline_is_parsed() -> None:
     lines = FIXTURE.read_bytes().splitlines()[5:7]
     parser.feed_bytes(b"\n".join(lines))
     summary = parser.summary()
-    assert summary.groups == {"/leak/retain/": Group(1, 384 * KIB, 384 * KIB, 1, 384 * KIB)}
+    assert summary.groups == {"/leak/retain/": Counts(1, 384 * KIB, 384 * KIB, 1, 384 * KIB)}
     assert summary.lines == 2
 
 
@@ -128,17 +137,24 @@ def test_threads_finishing_out_of_order_are_not_a_respawn() -> None:
     assert summary.groups["/a/"].rss_growth == 300
 
 
+def test_threads_logging_the_same_counter_are_not_a_respawn() -> None:
+    # Threads read the counter when they log: two lines often show the same one (issue 16.5).
+    summary = parse(line(1, 3, 1000), line(1, 3, 1100), line(1, 4, 1300), line(1, 4, 1200))
+    assert (summary.respawns, summary.workers) == (0, 1)
+    assert summary.groups["/a/"] == Counts(3, 200, 300, 2, 200)
+
+
 def test_counter_far_behind_is_a_respawn() -> None:
     summary = parse(line(1, 500, 9000), line(1, 300, 1000), line(1, 301, 1100))
     assert summary.respawns == 1
-    assert summary.groups["/a/"] == Group(1, 100, 100, 1, 100)
+    assert summary.groups["/a/"] == Counts(1, 100, 100, 1, 100)
     assert summary.workers == 2
 
 
 def test_unknown_counter_and_other_app_never_look_like_a_respawn() -> None:
     summary = parse(line(1, 5, 1000), line(1, -1, 900), line(1, 1, 1000, app=1))
     assert summary.respawns == 0
-    assert summary.groups["/a/"] == Group(2, 0, 100, 1, 100)
+    assert summary.groups["/a/"] == Counts(2, 0, 100, 1, 100)
 
 
 def test_unlogged_path_and_absolute_uri() -> None:
@@ -220,16 +236,130 @@ def test_pattern_key(path: str, key: str) -> None:
 
 
 def test_urlconf_key_matches_the_middleware() -> None:
-    assert uwsgi_log.urlconf_key("/products/5/") == "/products/<int:pk>/"
-    assert uwsgi_log.urlconf_key("/") == "/"
-    assert uwsgi_log.urlconf_key("/missing/") is None
+    assert uwsgi_lines.urlconf_key("/products/5/") == "/products/<int:pk>/"
+    assert uwsgi_lines.urlconf_key("/") == "/"
+    assert uwsgi_lines.urlconf_key("/missing/") is None
 
 
 def test_urlconf_ignores_digits() -> None:
-    assert uwsgi_log.urlconf_ignores_digits()
-    assert not uwsgi_log.urlconf_ignores_digits("tests.urls_digits")
-    assert not uwsgi_log.urlconf_ignores_digits("tests.urls_regex")
-    assert not uwsgi_log.urlconf_ignores_digits("tests.urls_converter")
+    assert uwsgi_lines.urlconf_ignores_digits()
+    assert not uwsgi_lines.urlconf_ignores_digits("tests.urls_digits")
+    assert not uwsgi_lines.urlconf_ignores_digits("tests.urls_regex")
+    assert not uwsgi_lines.urlconf_ignores_digits("tests.urls_converter")
+
+
+class I18nRoutes:
+    urlpatterns = i18n_patterns(path("items/<int:pk>/", views.product))
+
+
+class I18nRegex:
+    urlpatterns = i18n_patterns(re_path(r"^items/(?P<pk>[0-9]+)/$", views.product))
+
+
+def test_urlconf_ignores_digits_of_i18n_patterns_unless_a_language_has_some() -> None:
+    with override_settings(LANGUAGES=[("en", "English"), ("fr", "French")]):
+        assert uwsgi_lines.urlconf_ignores_digits(I18nRoutes)  # type: ignore[arg-type]
+        assert not uwsgi_lines.urlconf_ignores_digits(I18nRegex)  # type: ignore[arg-type]
+    with override_settings(LANGUAGES=[("en", "English"), ("es-419", "Latin American Spanish")]):
+        assert not uwsgi_lines.urlconf_ignores_digits(I18nRoutes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("regex", "ignores"),
+    [
+        (r"^static/(?P<path>.*)$", True),
+        (r"^items/(?P<pk>\d+)/$", True),
+        (r"^(?P<slug>[-\w]+)/$", True),
+        (r"^year/(?P<year>[12]\d{3})/$", False),
+        (r"^v[0-9]/$", False),
+        (r"^\x35/$", False),
+        (r"^\N{DIGIT FIVE}/$", False),
+        (r"^(?P<a>\d)/(?P=a)/$", False),
+    ],
+)
+def test_a_regex_ignores_digits_when_it_names_none(regex: str, ignores: bool) -> None:
+    assert uwsgi_lines.regex_ignores_digits(regex) is ignores
+
+
+class RegexRoutes:
+    urlpatterns = [
+        re_path(r"^static/(?P<path>.*)$", views.product),
+        re_path(r"^items/(?P<pk>\d+)/$", views.product),
+    ]
+
+
+class DigitRegexRoutes:
+    urlpatterns = [re_path(r"^items/(?P<pk>\d)/(?P=pk)/$", views.product)]
+
+
+def test_regex_routes_that_name_no_digit_ignore_them() -> None:
+    assert uwsgi_lines.urlconf_ignores_digits(RegexRoutes)  # type: ignore[arg-type]
+    assert not uwsgi_lines.urlconf_ignores_digits(DigitRegexRoutes)  # type: ignore[arg-type]
+
+
+@override_settings(ROOT_URLCONF=RegexRoutes)
+def test_regex_routes_group_alike_with_digits_zeroed_or_not() -> None:
+    lines = [
+        line(1, n, 1000 + 37 * n, path)
+        for n, path in enumerate(
+            ["/static/app.1.js", "/items/12/", "/static/app.90.js", "/items/7/", "/nowhere/3/"]
+            * 3,
+            1,
+        )
+    ]
+    zeroed = LogParser("urlconf")
+    zeroed.feed_bytes(b"".join(lines))
+    apart = LogParser("urlconf", digits_that_matter=lambda: None)
+    apart.feed_bytes(b"".join(lines))
+    assert zeroed._zero_digits
+    assert not apart._zero_digits
+    summary = zeroed.summary()
+    assert summary == apart.summary()
+    assert set(summary.groups) == {"/static/<path>", "/items/<pk>/", "<unmatched>"}
+
+
+class AdminLikeRoutes:
+    # The admin's jsi18n/ has digits in its own text; the other routes tell no digit apart.
+    urlpatterns = [
+        path("admin/jsi18n/", views.product),
+        path("items/<int:pk>/", views.product),
+        re_path(r"^static/(?P<path>.*)$", views.product),
+    ]
+
+
+def test_digits_that_matter_are_the_routes_texts_with_digits() -> None:
+    assert uwsgi_lines.digits_that_matter() == ()
+    assert uwsgi_lines.digits_that_matter(AdminLikeRoutes) == (b"admin/jsi00n/",)  # type: ignore[arg-type]
+    assert uwsgi_lines.digits_that_matter("tests.urls_digits") == (b"api/v0/items/",)
+    assert uwsgi_lines.digits_that_matter("tests.urls_regex") is None
+    assert uwsgi_lines.digits_that_matter("tests.urls_converter") is None
+    assert not uwsgi_lines.urlconf_ignores_digits(AdminLikeRoutes)  # type: ignore[arg-type]
+
+
+@override_settings(ROOT_URLCONF=AdminLikeRoutes)
+def test_paths_holding_a_routes_digits_are_resolved_as_they_are() -> None:
+    paths = [
+        "/admin/jsi18n/",
+        "/admin/jsi99n/",
+        "/admin/jsi%31%38n/",
+        "/items/12/",
+        "/items/7/?page=2",
+        "/static/a.1.js",
+        "/admin/jsi18n/?v=3",
+        "/admin/jsi00n/",
+    ]
+    lines = b"".join(line(1, n, 1000 + 37 * n, path) for n, path in enumerate(paths * 3, 1))
+    zeroed = LogParser("urlconf")
+    zeroed.feed_bytes(lines)
+    apart = LogParser("urlconf", digits_that_matter=lambda: None)
+    apart.feed_bytes(lines)
+    assert zeroed._zero_digits
+    assert not apart._zero_digits
+    summary = zeroed.summary()
+    assert summary == apart.summary()
+    assert summary.groups["/admin/jsi18n/"].calls == 8  # 9 lines, the first a baseline
+    assert summary.groups["<unmatched>"].calls == 6
+    assert summary.groups["/items/<int:pk>/"].calls == 6
 
 
 @override_settings(ROOT_URLCONF="tests.urls_digits")
@@ -251,16 +381,16 @@ def test_unreadable_file() -> None:
 
 
 def test_parse_log_date() -> None:
-    assert uwsgi_log.parse_log_date(b"Sat Nov  1 09:05:00 2025") is not None
-    assert uwsgi_log.parse_log_date(b"yesterday") is None
-    assert uwsgi_log.parse_log_date(b"\xff") is None
+    assert uwsgi_lines.parse_log_date(b"Sat Nov  1 09:05:00 2025") is not None
+    assert uwsgi_lines.parse_log_date(b"yesterday") is None
+    assert uwsgi_lines.parse_log_date(b"\xff") is None
 
 
 def test_most_at_once() -> None:
-    assert uwsgi_log.most_at_once([]) == 0
-    assert uwsgi_log.most_at_once([(1.0, 1.0)]) == 1
-    assert uwsgi_log.most_at_once([(1.0, 5.0), (2.0, 3.0), (3.0, 6.0), (7.0, 8.0)]) == 3
-    assert uwsgi_log.most_at_once([(1.0, 2.0), (3.0, 4.0)]) == 1
+    assert model.most_at_once([]) == 0
+    assert model.most_at_once([(1.0, 1.0)]) == 1
+    assert model.most_at_once([(1.0, 5.0), (2.0, 3.0), (3.0, 6.0), (7.0, 8.0)]) == 3
+    assert model.most_at_once([(1.0, 2.0), (3.0, 4.0)]) == 1
 
 
 def synthetic_log(path: Path, lines: int) -> None:
@@ -374,6 +504,109 @@ def test_a_real_uwsgi_log_is_parsed(tmp_path: Path) -> None:
     assert summary.workers == 1
 
 
+def get_retrying(port: int, path: str, deadline: float) -> int:
+    """GET path, retrying while the server starts or recycles; return the status."""
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", path)
+            status = connection.getresponse().status
+            connection.close()
+            return status
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+THREADED_APP = """
+import random, time
+
+def application(environ, start_response):
+    if environ["PATH_INFO"].startswith("/slow/"):
+        time.sleep(random.random() / 10)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+@pytest.mark.servers
+def test_a_real_threaded_uwsgi_log_gives_the_workers_uwsgi_ran(tmp_path: Path) -> None:
+    # Issue 16.5: threads read the request counter when they log, so two lines of a worker
+    # often carry the same counter; each such line was taken for a respawn.
+    uwsgi = Path(sys.executable).with_name("uwsgi")
+    if not uwsgi.exists():  # pragma: no cover - the test extra installs uWSGI
+        pytest.skip("uWSGI is not installed in this virtualenv")
+    (tmp_path / "app.py").write_text(THREADED_APP)
+    (tmp_path / "uwsgi.ini").write_text(
+        "[uwsgi]\nwsgi-file = app.py\nmaster = true\nprocesses = 2\nthreads = 4\n"
+        "memory-report = true\nmax-requests = 150\nmin-worker-lifetime = 0\n"
+    )
+    log = tmp_path / "uwsgi.log"
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(uwsgi),
+            "--ini",
+            "uwsgi.ini",
+            "--http-socket",
+            f"127.0.0.1:{port}",
+            "--logto",
+            log,
+            "--die-on-term",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    paths = [f"/slow/{n}/" if n % 2 else f"/fast/{n}/" for n in range(800)]
+    try:
+        get = functools.partial(get_retrying, port, deadline=time.monotonic() + 30)
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(get, paths)) == {200}
+        deadline = time.monotonic() + 10
+        while log.read_bytes().count(b"{rss usage:") < len(paths):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a master stuck in a respawn
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+    text = log.read_text()
+    # What uWSGI did: the workers it spawned (a pid it gave a worker twice would be a respawn).
+    spawned = re.findall(
+        r"(?:spawned uWSGI worker \d+ \(pid|Respawned uWSGI worker \d+ \(new pid): (\d+)", text
+    )
+    assert len(spawned) >= 4, text  # max-requests recycled workers during the load
+    counters = re.findall(r"\[pid: (\d+)\|app: 0\|req: (\d+)/", text)
+    serving = {pid for pid, _ in counters}
+    assert serving <= set(spawned)
+    last: dict[str, str] = {}
+    repeats = 0
+    for pid, counter in counters:
+        repeats += last.get(pid) == counter
+        last[pid] = counter
+    assert repeats > 0  # what misled the parser
+    reused = len(spawned) - len(set(spawned))
+    first_rss: dict[str, int] = {}
+    for rss, pid in re.findall(r"\{rss usage: (\d+) bytes/\d+MB\} \[pid: (\d+)\|", text):
+        first_rss.setdefault(pid, int(rss))
+    summary = parse_logs([str(log)], "pattern")
+    assert summary.request_lines == len(paths)
+    assert (summary.workers, summary.respawns) == (len(serving) + reused, reused)
+    assert summary.worker_calls == len(paths) - summary.workers
+    assert summary.worker_rss_first_total == sum(first_rss.values())
+    assert summary.groups["/slow/<int>/"].calls + summary.groups["/fast/<int>/"].calls == (
+        len(paths) - summary.workers
+    )
+    parallel = parse_in_parallel([str(log)], group_by="pattern", jobs=2, range_size=4096)
+    assert_same(parallel, summary)
+
+
 def test_tiny_caches_give_the_same_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [
         line(1, 1, 1000, "/a%20b/1/"),
@@ -425,7 +658,7 @@ ODD_LINES = [
 def reference(*lines: bytes) -> uwsgi_log.LogSummary:
     """Parse with REQUEST_LINE alone (a FAST_LINE that never reads a line)."""
     original = uwsgi_log.FAST_LINE
-    uwsgi_log.FAST_LINE = uwsgi_log.re.compile(rb"\{rss usage: ()()()()()()")
+    uwsgi_log.FAST_LINE = re.compile(rb"\{rss usage: ()()()()()()")
     try:
         return parse(*lines)
     finally:
@@ -563,13 +796,13 @@ def parse_in_parallel(names: list[str], **kwargs: Any) -> uwsgi_log.LogSummary:
 def merges(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """What each merge of a range parsed by a worker process returned."""
     results: list[bool] = []
-    merge = LogParser._merge
+    merge = uwsgi_parallel.merge
 
-    def spy(self: LogParser, result: uwsgi_log.RangeResult) -> bool:
-        results.append(merge(self, result))
+    def spy(parser: LogParser, result: uwsgi_parallel.RangeResult) -> bool:
+        results.append(merge(parser, result))
         return results[-1]
 
-    monkeypatch.setattr(LogParser, "_merge", spy)
+    monkeypatch.setattr(uwsgi_parallel, "merge", spy)
     return results
 
 
@@ -735,7 +968,7 @@ def test_a_file_replaced_while_it_is_read(tmp_path: Path, monkeypatch: pytest.Mo
     log, other = tmp_path / "uwsgi.log", tmp_path / "other.log"
     synthetic_log(log, 2000)
     synthetic_log(other, 2000)
-    open_log = uwsgi_log.open_log
+    open_log = logs.open_log
 
     @contextlib.contextmanager
     def rotating(name: str, stdin: Any = None) -> Iterator[BinaryIO]:
@@ -743,7 +976,7 @@ def test_a_file_replaced_while_it_is_read(tmp_path: Path, monkeypatch: pytest.Mo
             os.replace(other, log)  # log rotation: the name is another file now
             yield stream
 
-    monkeypatch.setattr(uwsgi_log, "open_log", rotating)
+    monkeypatch.setattr(logs, "open_log", rotating)
     monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1 << 14)
     with pytest.raises(OSError, match="was replaced while it was being read"):
         parse_in_parallel([str(log)], range_size=10_000)
@@ -751,13 +984,13 @@ def test_a_file_replaced_while_it_is_read(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_a_worker_checks_it_reads_the_parent_s_file(monkeypatch: pytest.MonkeyPatch) -> None:
     # What the worker did in the test above, here (a terminated worker saves no coverage).
-    settings = uwsgi_log.RangeSettings("pattern", zero_digits=True, key_for_urlconf=len)
-    monkeypatch.setattr(uwsgi_log, "_parser", uwsgi_log.RangeParser(settings))
+    settings = uwsgi_parallel.RangeSettings("pattern", zero_digits=True, key_for_urlconf=len)
+    monkeypatch.setattr(uwsgi_parallel, "_parser", uwsgi_parallel.RangeParser(settings))
     status = FIXTURE.stat()
-    result = uwsgi_log._parse_range(str(FIXTURE), (status.st_dev, status.st_ino), 0, None)
+    result = uwsgi_parallel._parse_range(str(FIXTURE), (status.st_dev, status.st_ino), 0, None)
     assert (result.lines, result.request_lines) == (23, 13)
     with pytest.raises(OSError, match="was replaced"):
-        uwsgi_log._parse_range(str(FIXTURE), (status.st_dev, status.st_ino + 1), 0, None)
+        uwsgi_parallel._parse_range(str(FIXTURE), (status.st_dev, status.st_ino + 1), 0, None)
 
 
 def test_workers_skip_exit_hooks(tmp_path: Path) -> None:
@@ -776,18 +1009,18 @@ def test_workers_skip_exit_hooks(tmp_path: Path) -> None:
 
 def test_no_workers_beside_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     split = []
-    monkeypatch.setattr(uwsgi_log, "_feed_split", lambda *args: split.append(args))
+    monkeypatch.setattr(uwsgi_parallel, "feed_split", lambda *args: split.append(args))
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        assert not uwsgi_log.can_fork()
+        assert not uwsgi_parallel.can_fork()
         parse_in_parallel([str(FIXTURE)])
     finally:
         stop.set()
         thread.join()
     assert split == []
-    assert uwsgi_log.can_fork()
+    assert uwsgi_parallel.can_fork()
 
 
 def test_no_workers_beside_threads_python_did_not_start() -> None:
@@ -804,10 +1037,10 @@ def test_no_workers_beside_threads_python_did_not_start() -> None:
     started.acquire()
     try:
         assert threading.active_count() == 1
-        assert not uwsgi_log.can_fork()
+        assert not uwsgi_parallel.can_fork()
     finally:
         lock.release()
-    assert uwsgi_log.can_fork()
+    assert uwsgi_parallel.can_fork()
 
 
 def test_parallel_runs_one_after_another(
@@ -822,4 +1055,62 @@ def test_parallel_runs_one_after_another(
 
 
 def test_default_jobs() -> None:
-    assert uwsgi_log.default_jobs() == min(len(os.sched_getaffinity(0)), uwsgi_log.MAX_JOBS)
+    assert uwsgi_parallel.default_jobs() == min(
+        len(os.sched_getaffinity(0)), uwsgi_parallel.MAX_JOBS
+    )
+
+
+# Input robustness (issue 14, item 8) ---------------------------------------------------------
+
+
+def test_a_number_too_long_for_int_is_a_skipped_line() -> None:
+    huge = "9" * 5000
+    corrupt = line(1, 2, 1100).replace(b"1100 bytes", f"{huge} bytes".encode())
+    counter = line(1, 3, 1200).replace(b"req: 3/3", f"req: {huge}/3".encode())
+    summary = parse(line(1, 1, 1000), corrupt, counter, line(1, 4, 1300))
+    assert (summary.lines, summary.request_lines, summary.skipped_lines) == (4, 2, 2)
+    assert summary.groups["/a/"].rss_growth == 300
+
+
+@contextlib.contextmanager
+def pipe_of(data: bytes) -> Iterator[str]:
+    """Yield a /dev/fd/N name that reads data from a pipe, as `<(zcat ...)` gives."""
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as writer:
+            writer.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        yield f"/dev/fd/{read_fd}"
+    finally:
+        writer.join()
+        os.close(read_fd)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_pipe_is_read_serially(compress: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uwsgi_parallel, "can_fork", lambda: True)
+    data = FIXTURE.read_bytes()
+    with pipe_of(gzip.compress(data) if compress else data) as name:
+        summary = parse_logs([name], "pattern", jobs=4, parallel_min_size=1)
+    assert summary.groups == PATTERN_GROUPS
+    assert summary.files == [name]
+
+
+@override_settings(ROOT_URLCONF=AdminLikeRoutes)
+def test_parallel_resolves_paths_holding_a_routes_digits_as_serial_does(
+    tmp_path: Path, merges: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uwsgi_log, "CHUNK_SIZE", 1000)
+    paths = ["/admin/jsi18n/", "/admin/jsi99n/", "/items/12/", "/items/7/", "/static/a.1.js"]
+    log = tmp_path / "admin.log"
+    log.write_bytes(
+        b"".join(line(1 + n % 3, n, 1000 + 37 * n, paths[n % len(paths)]) for n in range(1, 600))
+    )
+    serial = parse_logs([str(log)], "urlconf")
+    assert_same(parse_in_parallel([str(log)], group_by="urlconf", range_size=2000), serial)
+    assert serial.groups["/admin/jsi18n/"].calls > 100
+    assert len(merges) > 4

@@ -1,4 +1,4 @@
-"""Turn a postgresql:// or sqlite:// URL into a Django DATABASES entry (no extra dependency)."""
+"""Turn a postgresql://, mysql:// or sqlite:// URL into a DATABASES entry (no extra dependency)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ def database_from_url(url: str) -> dict[str, Any]:
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": unquote(parts.path.lstrip("/")) or "postgres",
+            "USER": unquote(parts.username or ""),
+            "PASSWORD": unquote(parts.password or ""),
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
+        }
+    if parts.scheme in ("mysql", "mariadb"):
+        return {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": unquote(parts.path.lstrip("/")),
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",

@@ -1,0 +1,167 @@
+"""Where projects keep their server configs, and the server commands in Procfiles and Dockerfiles.
+
+The checks read what this finds when LEAKGUARD names no config (docs/checks): config files by
+their usual names in the current directory, BASE_DIR and BASE_DIR's parent, and in the etc/,
+deploy/, config/, conf/ and docker/ directories of those; and the gunicorn and uwsgi commands of
+the Procfiles and Dockerfiles (CMD and ENTRYPOINT lines) there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIRS = ("", "etc", "deploy", "config", "conf", "docker")
+GUNICORN_FILES = ("gunicorn.conf.py", "gunicorn_conf.py", "gunicorn_config.py", "gunicorn.py")
+UWSGI_FILES = ("uwsgi.ini",)
+SERVERS = ("gunicorn", "uwsgi")
+# Where a shell command line ends and another begins.
+_SEPARATORS = {"&&", "||", ";", "|", "&"}
+_DOCKER_COMMAND = re.compile(r"^\s*(CMD|ENTRYPOINT)\s+(.*)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A gunicorn or uwsgi command line found in a Procfile or a Dockerfile."""
+
+    server: str  # "gunicorn" or "uwsgi"
+    args: tuple[str, ...]  # what follows the program's name
+    source: str  # "the gunicorn command in /srv/app/Procfile (web)"
+    directory: Path  # where it runs: relative paths in args are taken from here
+
+
+def search_dirs(base_dir: Path | None) -> list[Path]:
+    """Return the existing directories to look in: the current one, BASE_DIR and its parent,
+    each with its etc/, deploy/, config/, conf/ and docker/ subdirectories; never /."""
+    roots = [Path.cwd()]
+    if base_dir is not None:
+        roots += [base_dir, base_dir.parent]
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for root in roots:
+        if root.parent == root:
+            # The filesystem's root (BASE_DIR = /app in a container): its etc/ is the system's.
+            continue
+        for name in CONFIG_DIRS:
+            directory = root / name if name else root
+            key = directory.resolve()
+            if key in seen or not directory.is_dir():
+                continue
+            seen.add(key)
+            found.append(directory)
+    return found
+
+
+def find_files(names: tuple[str, ...], base_dir: Path | None) -> list[Path]:
+    """Return the files with one of names in the search directories, in search order."""
+    return [
+        directory / name
+        for directory in search_dirs(base_dir)
+        for name in names
+        if (directory / name).is_file()
+    ]
+
+
+def find_commands(base_dir: Path | None, server: str) -> list[Command]:
+    """Return the server's commands in the Procfiles and Dockerfiles of the search directories."""
+    commands: list[Command] = []
+    for directory in search_dirs(base_dir):
+        procfile = directory / "Procfile"
+        if procfile.is_file():
+            for name, line in _procfile_lines(procfile):
+                commands += _commands(shlex_split(line), server, f"{procfile} ({name})", directory)
+        dockerfile = directory / "Dockerfile"
+        if dockerfile.is_file():
+            for instruction, argv in _docker_commands(dockerfile):
+                commands += _commands(argv, server, f"{dockerfile} ({instruction})", directory)
+    return commands
+
+
+def shlex_split(line: str) -> list[str]:
+    """Split a shell command line into words; an unbalanced quote ends it."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    words: list[str] = []
+    try:
+        for word in lexer:
+            words.append(word)
+    except ValueError:
+        pass
+    return words
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _procfile_lines(path: Path) -> list[tuple[str, str]]:
+    lines = []
+    for line in _read(path).splitlines():
+        name, colon, command = line.partition(":")
+        if colon and name.strip() and not name.lstrip().startswith("#"):
+            lines.append((name.strip(), command))
+    return lines
+
+
+def _docker_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """Return the CMD and ENTRYPOINT instructions of a Dockerfile, as argument lists."""
+    # Continuation lines end with a backslash.
+    text = re.sub(r"\\\r?\n", " ", _read(path))
+    found = []
+    for line in text.splitlines():
+        match = _DOCKER_COMMAND.match(line)
+        if match is None:
+            continue
+        instruction, rest = match.group(1).upper(), match.group(2).strip()
+        argv: object = None
+        if rest.startswith("["):
+            try:
+                argv = json.loads(rest)
+            except ValueError:
+                argv = None
+        if not (isinstance(argv, list) and all(isinstance(word, str) for word in argv)):
+            argv = shlex_split(rest)
+        assert isinstance(argv, list)
+        found.append((instruction, argv))
+    return found
+
+
+def _commands(argv: list[str], server: str, where: str, directory: Path) -> list[Command]:
+    """Return the server's commands in a command line (sh -c "..." included)."""
+    commands: list[Command] = []
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in ("-c",) and index > 0 and os.path.basename(argv[index - 1]) in ("sh", "bash"):
+            script = " ".join(argv[index + 1 : index + 2])
+            commands += _commands(shlex_split(script), server, where, directory)
+            index += 2
+            continue
+        program = os.path.basename(word)
+        if program == server or (
+            program == "-m" and index + 1 < len(argv) and argv[index + 1] == server
+        ):
+            start = index + (2 if program == "-m" else 1)
+            end = start
+            while end < len(argv) and argv[end] not in _SEPARATORS:
+                end += 1
+            source = f"the {server} command in {where}"
+            commands.append(Command(server, tuple(argv[start:end]), source, directory))
+            index = end
+            continue
+        index += 1
+    return commands
+
+
+def nothing_found(base_dir: Path | None) -> bool:
+    """Return whether no Gunicorn or uWSGI config file and no such command was found."""
+    return not find_files(GUNICORN_FILES + UWSGI_FILES, base_dir) and not any(
+        find_commands(base_dir, server) for server in SERVERS
+    )

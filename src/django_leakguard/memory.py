@@ -1,0 +1,189 @@
+"""Cheap memory probes: resident set, C heap in use, and memory available to this process;
+and when the process started."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+# A cgroup v1 "no limit" is a huge number near 2**63 rounded down to the page size.
+_V1_NO_LIMIT = 1 << 60
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+_statm_fd: int | None = None
+_statm_pid: int | None = None
+
+
+def _reopen_statm() -> None:
+    global _statm_fd, _statm_pid
+    if _statm_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(_statm_fd)
+    _statm_fd = os.open("/proc/self/statm", os.O_RDONLY)
+    _statm_pid = os.getpid()
+
+
+def _forget_statm() -> None:
+    # After fork the inherited descriptor still reads the parent's /proc entry: the
+    # path was resolved to the parent's pid at open time.
+    global _statm_fd, _statm_pid
+    if _statm_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(_statm_fd)
+    _statm_fd = None
+    _statm_pid = None
+
+
+def _rss_statm() -> int:
+    if _statm_fd is None or _statm_pid != os.getpid():
+        _reopen_statm()
+    assert _statm_fd is not None
+    data = os.pread(_statm_fd, 64, 0)
+    return int(data.split(None, 2)[1]) * _PAGE_SIZE
+
+
+_process: psutil.Process | None = None
+
+
+def _rss_psutil() -> int:
+    global _process
+    if _process is None or _process.pid != os.getpid():
+        _process = psutil.Process()
+    return int(_process.memory_info().rss)
+
+
+def _pick_rss() -> Callable[[], int]:
+    if sys.platform.startswith("linux") and os.path.exists("/proc/self/statm"):
+        return _rss_statm
+    return _rss_psutil  # pragma: no cover - Linux CI
+
+
+rss: Callable[[], int] = _pick_rss()
+rss.__doc__ = "Return this process's resident set size in bytes."
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _load_mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    if not sys.platform.startswith("linux"):
+        return None  # pragma: no cover - Linux CI
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        func = libc.mallinfo2
+    except (OSError, AttributeError):  # pragma: no cover - musl, glibc < 2.33
+        return None
+    func.restype = _Mallinfo2
+    func.argtypes = []
+    return func
+
+
+_mallinfo2 = _load_mallinfo2()
+
+
+def heap() -> int | None:
+    """Return bytes the C allocator has handed out and not taken back, or None if unknown."""
+    if _mallinfo2 is None:
+        return None  # pragma: no cover - Linux CI has glibc >= 2.33
+    info = _mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def heap_available() -> bool:
+    """Return whether the heap signal (glibc mallinfo2) is available here."""
+    return _mallinfo2 is not None
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    if value <= 0 or value >= _V1_NO_LIMIT:
+        return None
+    return value
+
+
+def _cgroup_v2_path(root: Path, proc_cgroup: Path) -> Path:
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                return root / line[3:].lstrip("/")
+    except OSError:
+        pass
+    return root
+
+
+def cgroup_limit(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """Return the cgroup memory limit of this process in bytes, or None when unlimited."""
+    limits: list[int] = []
+    # cgroup v2: the process's own cgroup and its ancestors up to the mount root.
+    group = _cgroup_v2_path(root, proc_cgroup)
+    seen = 0
+    while seen < 64:
+        limit = _read_limit(group / "memory.max")
+        if limit is not None:
+            limits.append(limit)
+        if group == root or root not in group.parents:
+            break
+        group = group.parent
+        seen += 1
+    # cgroup v1.
+    for v1 in (root / "memory" / "memory.limit_in_bytes", root / "memory.limit_in_bytes"):
+        limit = _read_limit(v1)
+        if limit is not None:
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
+def available_memory(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int:
+    """Return the memory this process may use: the smallest of cgroup limits and host memory."""
+    total = int(psutil.virtual_memory().total)
+    limit = cgroup_limit(root, proc_cgroup)
+    return total if limit is None else min(limit, total)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_statm)
+
+
+def process_started_at() -> datetime | None:
+    """Return when the OS started this process (to 10 ms or so), or None when unknown."""
+    try:
+        return datetime.fromtimestamp(psutil.Process().create_time(), tz=timezone.utc)
+    except (psutil.Error, OSError, ValueError, OverflowError):  # pragma: no cover - no /proc
+        return None

@@ -1,0 +1,180 @@
+"""LeakGuardMiddleware: record each request's memory growth under its URL pattern."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.apps import apps
+from django.core.exceptions import MiddlewareNotUsed
+from django.http import HttpRequest, HttpResponseBase
+
+from django_leakguard import conf, refine
+from django_leakguard.recorder import Recorder
+from django_leakguard.recorder_calls import Call
+from django_leakguard.recorder_process import get_recorder, recording
+from django_leakguard.records import REQUEST, UNMATCHED, route_key
+
+logger = logging.getLogger("django_leakguard")
+
+
+def request_key(request: HttpRequest) -> tuple[str, str]:
+    """Return (URL pattern with a leading slash, view's dotted name); never the raw path.
+
+    The key of the URL pattern, as the view starts: ended_key() refines it once it has run.
+    """
+    try:
+        match = request.resolver_match
+        if match is None:
+            return UNMATCHED, ""
+        return route_key(match), match._func_path
+    except Exception:
+        return UNMATCHED, ""
+
+
+def ended_key(request: HttpRequest) -> tuple[str, str]:
+    """Return the key and view a request ends with: request_key() refined (refine.py)."""
+    # The key process_view found, unless the request never reached a view.
+    key, view = getattr(request, "_leakguard_key", None) or request_key(request)
+    return refine.refine(request, key), view
+
+
+class _EndAtClose:
+    """Stands in for a response's close(): the call ends once the server has closed it.
+
+    Every server closes the response when it has sent it (WSGI servers call close(), Django's
+    ASGI handler too, and the file wrapper of a FileResponse calls it as well); Django's
+    close() closes the response's files and sends request_finished, which closes database
+    connections. Ending the measurement afterwards means that what a request allocates and
+    frees at teardown is not counted as kept, and a streaming response counts what producing
+    its content kept.
+
+    A response dropped without close() (an ASGI client that disconnects while Django logs the
+    response) ends its call when it is freed: no call stays in flight for ever.
+    """
+
+    __slots__ = ("_call", "_close", "_key", "_recorder", "_view")
+
+    def __init__(
+        self, recorder: Recorder, call: Call, close: Callable[[], None], key: str, view: str
+    ) -> None:
+        self._recorder = recorder
+        self._call: Call | None = call
+        self._close = close
+        self._key = key
+        self._view = view
+
+    def __call__(self) -> None:
+        try:
+            self._close()
+        finally:
+            # The server still holds the response (and through it the request) while it
+            # closes it: a traced call does not count them as retained.
+            response = getattr(self._close, "__self__", None)
+            # The bound close() refers to the response, which refers to this object: let go of
+            # it so that the response is freed by reference counting, not by the collector.
+            self._close = _closed
+            call, self._call = self._call, None
+            if call is not None:
+                held = () if response is None else (response,)
+                self._recorder.end(call, REQUEST, self._key, self._view, held)
+
+    def __del__(self) -> None:
+        call = self._call
+        if call is not None:
+            self._call = None
+            # A finaliser may run anywhere, even while the recorder holds its lock: only queue.
+            self._recorder.end_later(call, REQUEST, self._key, self._view)
+
+
+def _closed() -> None:
+    return None
+
+
+class LeakGuardMiddleware:
+    """Sample memory around each request and attribute the growth to its URL pattern.
+
+    Put it first in MIDDLEWARE so that it measures the whole request.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        if not apps.is_installed("django_leakguard"):
+            # Without the app there are no tables to write to (leakguard.E002): step aside.
+            logger.warning(
+                "django-leakguard: LeakGuardMiddleware is in MIDDLEWARE but 'django_leakguard' "
+                "is not in INSTALLED_APPS, so nothing is recorded. Add it to INSTALLED_APPS and "
+                "run `%s`.",
+                conf.migrate_command(conf.get_settings().DATABASE),
+            )
+            raise MiddlewareNotUsed("'django_leakguard' is not in INSTALLED_APPS")
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+            # Django would run a sync process_view in a thread: give it a coroutine.
+            self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
+
+    def process_view(
+        self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        """The URL is resolved: read the heap signals if this pattern needs readings."""
+        _measure_heap(request)
+
+    async def _aprocess_view(
+        self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
+    ) -> None:
+        _measure_heap(request)
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if self.is_async:
+            return self.__acall__(request)
+        if not recording():
+            response: HttpResponseBase = self.get_response(request)
+            return response
+        recorder = get_recorder()
+        call = recorder.begin(read_heap=False)
+        request._leakguard = (recorder, call)  # type: ignore[attr-defined]
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            recorder.end(call, REQUEST, *ended_key(request))
+            raise
+        return _end_at_close(recorder, call, request, response)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if not recording():
+            response: HttpResponseBase = await self.get_response(request)
+            return response
+        recorder = get_recorder()
+        call = recorder.begin(read_heap=False)
+        request._leakguard = (recorder, call)  # type: ignore[attr-defined]
+        try:
+            response = await self.get_response(request)
+        except BaseException:  # CancelledError too: the client disconnected during the view
+            recorder.end(call, REQUEST, *ended_key(request))
+            raise
+        return _end_at_close(recorder, call, request, response)
+
+
+def _measure_heap(request: HttpRequest) -> None:
+    measured = getattr(request, "_leakguard", None)
+    if measured is not None:
+        recorder, call = measured
+        key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
+        recorder.measure_heap(call, REQUEST, key[0])
+
+
+def _end_at_close(
+    recorder: Recorder, call: Call, request: HttpRequest, response: HttpResponseBase
+) -> HttpResponseBase:
+    key, view = ended_key(request)
+    try:
+        response.close = _EndAtClose(recorder, call, response.close, key, view)  # type: ignore[method-assign]
+    except Exception:  # a response object that does not take attributes: end the call now
+        recorder.end(call, REQUEST, key, view)
+    return response

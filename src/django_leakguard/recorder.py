@@ -1,0 +1,466 @@
+"""Per-process attribution of memory changes to calls in flight, and their aggregation.
+
+Every call (a request or a task) samples rss and heap when it begins and when it ends. Each
+change between two consecutive samples is split evenly among the calls in flight during it.
+Instead of visiting every call at every sample, the recorder keeps a running sum of the shares
+(``share += change / calls_in_flight``): a call's attributed growth is the difference of that sum
+between its end and its begin. Serially this is the exact delta of the call; with threads or
+async the shares of all calls add up to the process's change over the time calls were in flight,
+so nothing is counted twice.
+
+A call that begins while no other call is in flight, less than REUSE_WINDOW after the previous
+call's closing sample, takes that sample as its own first one instead of reading memory again
+(unless it asks for fresh readings, as Celery tasks do):
+under load a worker serves calls back to back, and the reading costs more than what it would
+separate (the server's work between two calls, which this attributes to the next call).
+
+With LEAKGUARD["TRACE_SAMPLE_RATE"] above 0, that share of the calls that begin while no other
+call is in flight are traced with tracemalloc (see tracing); a traced call's sample is dropped
+as soon as another call begins in the process, so two calls are never traced together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from collections import deque
+from datetime import datetime
+from datetime import timezone as dt_timezone
+
+from django_leakguard import conf, memory, threads, tracing
+from django_leakguard.flusher import Flusher
+from django_leakguard.recorder_calls import Call
+from django_leakguard.recorder_flush import Flushing, RateLimitedLog
+from django_leakguard.recorder_heap import HeapTiming
+from django_leakguard.records import KEY_MAX_LENGTH, Batch, Pending, WorkerState, Writer, fit_key
+from django_leakguard.tracing import Trace
+from django_leakguard.tracing_baseline import Baseline
+from django_leakguard.tracing_records import TraceResult
+
+# Keys whose first (warm-up) call is left out of the heap signal; past it, none is left out.
+WARM_KEYS_MAX = 4096
+# Heap readings a key gets in each band and hour before only a budgeted share of its calls
+# read the heap: enough for a figure to rest on (the report flags fewer as low confidence).
+MIN_READINGS = 30
+# Heap readings a key's band takes at most in the hour before the budgeted share, counting
+# those of calls that did not run alone (and so do not count): where threads or an event loop
+# keep calls overlapping, the readings stop here.
+MAX_ATTEMPTS = 4 * MIN_READINGS
+# Where a key's readings of a band count those tries (see Recorder._readings_in): the band's
+# slot plus this.
+ATTEMPTS = 2
+# A key's calls past this many in a process are "late": a cache that fills up keeps memory
+# in its early calls only, a leak in its late calls too (see the report's "levels off").
+LATE_AFTER = 50
+# A call that begins alone within this many seconds of the previous call's closing sample
+# reuses it (see the module docstring); after a longer pause it reads memory afresh, so that
+# what background threads do while the process is idle is not charged to the next call.
+REUSE_WINDOW = 0.002
+
+
+class Recorder(Flushing, HeapTiming):
+    """Attribute memory changes to calls in flight and aggregate them per (kind, key, hour).
+
+    Its parts: the heap readings' timing (recorder_heap), the pending aggregates
+    (recorder_pending) and the flushes (recorder_flush); this process's recorder is
+    recorder_process.get_recorder().
+    """
+
+    def __init__(self, writer: Writer | None = None) -> None:
+        # Where flushes write (storage.DatabaseWriter unless a test hands another).
+        self._writer = writer
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also called in a forked child: new locks (a lock held by another thread at fork time
+        # would stay held forever), no calls in flight, nothing pending: the parent flushes its
+        # own data.
+        flusher: Flusher | None = getattr(self, "_flusher", None)
+        if flusher is not None:
+            flusher.stop(join=0.5)  # in a forked child, its thread did not come along
+        self._flusher = Flusher(self)
+        # Calls that ended without the recorder's lock (see end_later).
+        self._late: deque[tuple[Call, str, str, str]] = deque()
+        # Incremented when a flush starts and when it ends: odd while one runs.
+        self._flushes = 0
+        traced: Call | None = getattr(self, "_traced", None)
+        if traced is not None and traced.trace is not None:
+            traced.trace.discard()  # a no-op in a forked child: tracing stopped it already
+        self._traced: Call | None = None  # the call being traced, if any
+        # What every traced call in this process keeps anyway (see tracing_baseline.Baseline).
+        self._baseline = Baseline()
+        # Whether calls may be sampled for tracing: True until the settings say the rate is
+        # 0, so that at rate 0 begin() costs one attribute check more (see _trace_settings).
+        self._tracing = True
+        self._trace_rate: float | None = None  # read from the settings on first use
+        self._trace_top = int(conf.DEFAULTS["TRACE_TOP_SITES"])
+        self._lock = threads.allocate_lock()
+        self._flush_lock = threads.allocate_lock()
+        self._generation = getattr(self, "_generation", 0) + 1
+        self._in_flight = 0
+        # Calls begun and ended so far: a call alone from its heap reading to its end saw it
+        # unchanged (see Call.alone_since).
+        self._call_events = 0
+        self._rss_share = 0.0
+        self._heap_share = 0.0
+        self._heap_in_flight = 0  # calls in flight that read the heap
+        self._last_rss = 0
+        self._last_heap = 0
+        # When the latest closing sample was taken (monotonic), and whether it read the heap.
+        self._closed_at = float("-inf")
+        self._closed_heap = False
+        self._has_heap = memory.heap_available()
+        self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
+        if self._has_heap:
+            # The first readings after a fork pay for copy-on-write page faults: start from
+            # the cheapest of a few, or an outlier would starve the heap signal for a long time.
+            costs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                memory.heap()
+                costs.append(time.perf_counter() - start)
+            self._heap_cost = min(costs)
+        self._pending: Pending = {}
+        # Calls per key in this process (past WARM_KEYS_MAX keys, new keys are not counted:
+        # their calls are all early and none is warm-up).
+        self._key_calls: dict[tuple[str, str], int] = {}
+        # Heap readings per key in the current hour (see _readings_in and measure_heap).
+        self._readings: dict[tuple[str, str], list[int]] = {}
+        self._readings_hour = 0
+        self._blocks_share = 0.0
+        self._last_blocks = 0
+        self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
+        self._worker = WorkerState(
+            host=socket.gethostname()[:255],
+            pid=os.getpid(),
+            started_at=_now(),
+            process_started_at=memory.process_started_at(),
+        )
+        self._last_flush = time.monotonic()
+        self._next_prune = 0.0
+        self._failing = False
+        self._dropped_logged = False
+        self._errors = RateLimitedLog()
+        # Batches being written, by a token of their own; those already counted as lost.
+        self._write_tokens = itertools.count()
+        self._writing: dict[int, Batch] = {}
+        self._reported: set[int] = set()
+
+    # The request path -------------------------------------------------------------------
+
+    def begin(self, *, read_heap: bool | None = None) -> Call:
+        """Sample memory and register a call in flight.
+
+        read_heap=True reads both signals afresh whatever they cost (no sampled heap, no reuse
+        of the previous call's closing reading): for calls such as Celery tasks, whose duration
+        dwarfs a reading, and whose small numbers a sampled heap would leave unread.
+        read_heap=False reads RSS only: the middleware decides once the key is known
+        (measure_heap). None: a budgeted share of the calls read the heap.
+        """
+        try:
+            reads_heap = read_heap or (read_heap is None and self._reads_heap())
+            # Unlocked first look: reuse the previous call's closing sample when it is fresh and
+            # holds what this call reads; confirmed under the lock below.
+            reuse = (
+                not read_heap
+                and not self._in_flight
+                and time.monotonic() - self._closed_at < REUSE_WINDOW
+                and (self._closed_heap or not reads_heap)
+            )
+            rss = heap = None
+            if not reuse:
+                rss = memory.rss()
+                heap = self._time_heap() if reads_heap else None
+            with self._lock:
+                in_flight = self._in_flight
+                if rss is None:
+                    if in_flight or (reads_heap and not self._closed_heap):
+                        # Another call began or ended meanwhile: read after all (rarely).
+                        rss = memory.rss()
+                        heap = self._time_heap() if reads_heap else None
+                    else:
+                        # The latest sample is a closing one, at most REUSE_WINDOW old.
+                        rss = self._last_rss
+                        heap = (self._last_heap, self._last_blocks) if reads_heap else None
+                if in_flight:
+                    self._rss_share += (rss - self._last_rss) / in_flight
+                self._last_rss = rss
+                self._in_flight = in_flight + 1
+                self._call_events += 1
+                heap_share = None
+                if heap is not None:
+                    heap_share = self._join_heap(heap)
+                worker = self._worker
+                if worker.rss_first is None:
+                    worker.rss_first = rss
+                    worker.heap_first = None if heap is None else heap[0]
+                    worker.first_call_at = datetime.now(dt_timezone.utc)
+                call = Call(
+                    self._generation,
+                    self._rss_share,
+                    heap_share,
+                    self._flushes,
+                    self._blocks_share,
+                )
+                if heap is not None and not in_flight:
+                    call.alone_since = self._call_events
+                lost = self._sample(call, in_flight) if self._tracing else None
+            if lost is not None:
+                lost.discard()  # outside the lock: stopping tracemalloc frees every trace
+            return call
+        except Exception:
+            self._errors.exception("LeakGuard could not sample memory at the start of a call")
+            return Call(-1, 0.0, None)
+
+    def _join_heap(self, heap: tuple[int, int]) -> float:
+        """Under the lock: add a heap reading at a call's start; return the heap share."""
+        n = self._heap_in_flight
+        if n:
+            self._heap_share += (heap[0] - self._last_heap) / n
+            self._blocks_share += (heap[1] - self._last_blocks) / n
+        self._last_heap, self._last_blocks = heap
+        self._heap_in_flight = n + 1
+        return self._heap_share
+
+    def measure_heap(self, call: Call, kind: str, key: str) -> None:
+        """Read the heap signals for call, now that its key is known, if the key needs them.
+
+        Every call of a key reads them until the key has MIN_READINGS readings in the hour,
+        in each of its two bands (its first LATE_AFTER calls in this process, and the later
+        ones), of calls that ran alone (see _end); past that a budgeted share does
+        (HEAP_PROBE_BUDGET over the reading's cost). A key's first call in a process is
+        warm-up and reads nothing. The cost is bounded: at most 2 x MAX_ATTEMPTS readings per
+        key and hour (where few calls run alone), plus the budgeted share.
+        """
+        try:
+            if call.heap_share is not None or call.generation != self._generation:
+                return
+            if not self._has_heap:
+                return  # pragma: no cover - CI has glibc >= 2.33
+            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            seen = self._key_calls.get(name)
+            if seen is None:
+                if len(self._key_calls) < WARM_KEYS_MAX:
+                    return  # the key's warm-up call
+                seen = 0  # past WARM_KEYS_MAX keys: no warm-up, every call early
+            late = seen >= LATE_AFTER
+            hour = int(time.time()) // 3600
+            readings = self._readings_in(hour).get(name)
+            enough = readings is not None and (
+                readings[late] >= MIN_READINGS or readings[ATTEMPTS + late] >= MAX_ATTEMPTS
+            )
+            if enough and not self._reads_heap():
+                return
+            heap = self._time_heap()
+            if heap is None:
+                return  # pragma: no cover - CI has glibc >= 2.33
+            with self._lock:
+                if call.generation != self._generation:
+                    return
+                call.heap_share = self._join_heap(heap)
+                call.blocks_share = self._blocks_share
+                call.flushes = self._flushes
+                call.late = late
+                if self._in_flight == 1:
+                    call.alone_since = self._call_events
+                self._tally(name, ATTEMPTS + late, hour)
+        except Exception:
+            self._errors.exception("LeakGuard could not read the heap during a call")
+
+    def _readings_in(self, hour: int) -> dict[tuple[str, str], list[int]]:
+        """The heap readings per key of this hour: [early, late, early tries, late tries]."""
+        if hour != self._readings_hour:
+            self._readings.clear()
+            self._readings_hour = hour
+        return self._readings
+
+    def _tally(self, name: tuple[str, str], slot: int, hour: int) -> None:
+        """Under the lock: count one in slot of name's readings (see _readings_in)."""
+        readings = self._readings_in(hour).get(name)
+        if readings is None:
+            if len(self._readings) >= WARM_KEYS_MAX:
+                return
+            readings = self._readings[name] = [0, 0, 0, 0]
+        readings[slot] += 1
+
+    def _sample(self, call: Call, in_flight: int) -> Trace | None:
+        """Under the lock: drop a sample another call interrupts, or start tracing call.
+
+        Return the interrupted trace, for the caller to discard outside the lock.
+        """
+        traced = self._traced
+        if traced is not None:
+            # Another call begins while one is traced: its allocations would mix with the
+            # traced call's, so the sample is dropped (and the cost of tracing ends now).
+            self._traced = None
+            return traced.trace
+        rate = self._trace_rate
+        if rate is None:
+            rate = self._trace_settings()
+        if not in_flight and tracing.should_sample(rate):
+            # Under the lock, so that no call can begin between the check and the start.
+            call.trace = tracing.start_trace()
+            if call.trace is not None:
+                self._traced = call
+        return None
+
+    def _trace_settings(self) -> float:
+        try:
+            settings = conf.get_settings()
+            rate, top = settings.TRACE_SAMPLE_RATE, settings.TRACE_TOP_SITES
+        except Exception:  # invalid settings (the checks report them): do not trace
+            rate, top = 0.0, self._trace_top
+        self._trace_rate, self._trace_top = rate, top
+        if not rate:
+            self._tracing = False
+        return rate
+
+    def settings_changed(self) -> None:
+        """Read TRACE_SAMPLE_RATE and TRACE_TOP_SITES again at the next call."""
+        self._trace_rate = None
+        self._tracing = True
+
+    def _end_trace(
+        self, call: Call, trace: Trace, key: str, held: tuple[object, ...]
+    ) -> TraceResult | None:
+        """Stop call's trace; return its result unless another call began meanwhile.
+
+        What the call holds at its end anyway (held: its response, and the request it refers
+        to; what every traced call keeps, such as the framework's context variables, see
+        tracing_baseline.Baseline) is not retained: every call would show it, leak or not.
+        """
+        call.trace = None
+        # Snapshot first, then check: a call that begins before the check drops the sample,
+        # one that begins after it can no longer add to the snapshot.
+        result = trace.stop(self._trace_top, held, self._baseline, key)
+        with self._lock:
+            if self._traced is not call:
+                return None  # interrupted, or the recorder was reset meanwhile
+            self._traced = None
+        return result
+
+    def end_later(self, call: Call, kind: str, key: str, view: str = "") -> None:
+        """End call at the next call's end: for finalisers, which must not take the lock."""
+        self._late.append((call, kind, key, view))
+
+    def end(
+        self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
+    ) -> None:
+        """Sample memory, attribute the change, and add the call to its key's totals.
+
+        held: what the call's caller still refers to and frees right after (the response
+        being closed): a traced call does not count it as retained.
+        """
+        late = self._late
+        while late:
+            try:
+                self._end(*late.popleft())
+            except IndexError:  # pragma: no cover - another thread took the last one
+                break
+        self._end(call, kind, key, view, held)
+
+    def _end(
+        self, call: Call, kind: str, key: str, view: str, held: tuple[object, ...] = ()
+    ) -> None:
+        try:
+            trace = call.trace
+            # Before the memory probes: the snapshot's own allocations are freed by then.
+            result = None if trace is None else self._end_trace(call, trace, key, held)
+            if call.generation != self._generation:
+                return  # begun before a fork or a discard(), or begin() failed
+            call.generation = -1  # a second end() of the same call is ignored
+            rss = memory.rss()
+            heap = None if call.heap_share is None else self._time_heap()
+            hour = int(time.time()) // 3600
+            if len(key) > KEY_MAX_LENGTH:
+                key = fit_key(key)  # looked up as it is stored (see records.fit_key)
+            with self._lock:
+                n = self._in_flight
+                # No other call began or ended since its heap reading, and none is in flight.
+                alone = n == 1 and call.alone_since == self._call_events
+                self._call_events += 1
+                self._rss_share += (rss - self._last_rss) / n
+                self._last_rss = rss
+                self._in_flight = n - 1
+                heap_growth: int | None = None
+                blocks_growth = 0
+                if heap is not None:
+                    n = self._heap_in_flight
+                    self._heap_share += (heap[0] - self._last_heap) / n
+                    self._blocks_share += (heap[1] - self._last_blocks) / n
+                    self._last_heap, self._last_blocks = heap
+                    self._heap_in_flight = n - 1
+                    flushes = self._flushes
+                    # A call that overlapped another, or a flush, would be charged with a share
+                    # of what they allocated and freed meanwhile (a database view in another
+                    # thread opening a connection: hundreds of KiB): its reading is dropped.
+                    if alone and call.flushes == flushes and not flushes & 1:
+                        heap_growth = round(self._heap_share - call.heap_share)  # type: ignore[operator]
+                        blocks_growth = round(self._blocks_share - call.blocks_share)
+                name = (kind, key)
+                key_calls = self._key_calls
+                seen = key_calls.get(name)
+                if seen is not None:
+                    key_calls[name] = seen + 1
+                elif len(key_calls) < WARM_KEYS_MAX:
+                    # The first call of a key in a process fills what every process fills
+                    # once (URL resolver and template caches, lazy imports, allocator pools):
+                    # warm-up, not a leak. Recycled workers repeat it, so it would rank a
+                    # transient pattern among the leaks. It counts as a call, not in the heap.
+                    key_calls[name] = 1
+                    heap_growth = None
+                    result = None  # what a first call keeps is warm-up for tracing too
+                if heap_growth is not None:
+                    self._tally(name, call.late, hour)  # a reading of a call alone
+                bucket = self._pending.get(hour)
+                if bucket is None:
+                    bucket = self._new_bucket(hour)
+                aggregate = bucket.get(name)
+                if aggregate is None:
+                    aggregate = self._new_aggregate(bucket, hour, kind, key, view)
+                aggregate.add(
+                    round(self._rss_share - call.rss_share), heap_growth, blocks_growth, call.late
+                )
+                if result is not None:
+                    aggregate.add_trace(result, self._trace_top)
+                worker = self._worker
+                if not worker.kind:
+                    worker.kind = kind
+                worker.rss_last = rss
+                if heap is not None:
+                    worker.heap_last = heap[0]
+                worker.calls += 1
+                self._closed_at = now = time.monotonic()
+                self._closed_heap = heap is not None and not self._heap_in_flight
+            flusher = self._flusher
+            if now >= flusher.watch_at:
+                flusher.watch(now)
+        except Exception:
+            self._errors.exception("LeakGuard could not record a call")
+
+    # Introspection, for tests and hooks --------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def last_sample(self) -> tuple[int, int]:
+        """The latest (rss, heap) sample; heap is 0 when unavailable."""
+        return self._last_rss, self._last_heap
+
+    def discard(self) -> None:
+        """Forget everything not flushed and start afresh (for tests)."""
+        self._reset()
+
+    @property
+    def traced_call(self) -> Call | None:
+        """The call being traced now, if any."""
+        return self._traced
+
+
+def _now() -> datetime:
+    from datetime import timezone
+
+    return datetime.now(timezone.utc).replace(microsecond=0)

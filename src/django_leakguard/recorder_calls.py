@@ -1,0 +1,46 @@
+"""The record of one call in flight, as the recorder's request path keeps it."""
+
+from __future__ import annotations
+
+from django_leakguard.tracing import Trace
+
+
+class Call:
+    """One request or task in flight: where the running shares stood when it began."""
+
+    __slots__ = (
+        "alone_since",
+        "blocks_share",
+        "flushes",
+        "generation",
+        "heap_share",
+        "late",
+        "rss_share",
+        "trace",
+    )
+
+    def __init__(
+        self,
+        generation: int,
+        rss_share: float,
+        heap_share: float | None,
+        flushes: int = 0,
+        blocks_share: float = 0.0,
+    ) -> None:
+        self.generation = generation
+        self.rss_share = rss_share
+        # None when this call does not read the heap (see recorder_heap.HEAP_PROBE_BUDGET and
+        # Recorder.measure_heap).
+        self.heap_share = heap_share
+        self.blocks_share = blocks_share
+        # Whether the call comes after its key's first LATE_AFTER calls in this process.
+        self.late = False
+        # The recorder's flush count when the call began: a call that overlaps a flush in its
+        # process is not charged with what the flush allocated (see Recorder._flushes).
+        self.flushes = flushes
+        # The recorder's count of begun and ended calls when the call read the heap with no
+        # other call in flight; -1 otherwise. A heap reading counts only for a call that stayed
+        # alone until its end (see Recorder._end).
+        self.alone_since = -1
+        # The allocation trace of a sampled call; None for almost every call.
+        self.trace: Trace | None = None

@@ -1,0 +1,131 @@
+"""uWSGI integration: flush the recorder when a worker exits.
+
+uWSGI calls uwsgi.atexit in a worker that exits, unless the worker is inside a request when it
+is told to stop (a SIGINT or SIGTERM from the master at a stop, or from an operator): then its
+Python plugin skips uwsgi.atexit and the interpreter's own exit alike (python_plugin.c,
+uwsgi_python_atexit: "if busy do not run atexit hooks"), and what the worker served since its
+last flush was lost without a word. So the flush is also registered with the C library's exit
+handlers, which exit() runs whatever uWSGI decides.
+
+The order matters: exit() runs those handlers in the reverse order of their registration, and
+uWSGI registers its own (which finalizes the interpreter) once the application is loaded
+(core/uwsgi.c: "after all applications have been loaded"). Ours is registered at each worker's
+first request, so that it runs before uWSGI's, while Python is alive; run after it, it would
+crash the exiting process. The flushes that follow ours find nothing to write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+__all__ = ["install", "running_under_uwsgi"]
+
+_MARK = "_leakguard_atexit"
+logger = logging.getLogger("django_leakguard")
+
+# The C callback registered with the C library's exit handlers, kept alive for the life of the
+# process, and the process that registered it (a worker forked from the master has not).
+_c_exit_hook: Callable[[object], None] | None = None
+_c_exit_pid = 0
+
+
+def _uwsgi_module() -> ModuleType | None:
+    # The uwsgi module exists only inside a uWSGI process: import it lazily, never at import.
+    try:
+        return importlib.import_module("uwsgi")
+    except ImportError:
+        return None
+
+
+def running_under_uwsgi() -> bool:
+    """Return whether this process is a uWSGI process."""
+    return _uwsgi_module() is not None
+
+
+def flush_at_exit() -> None:
+    """Write this worker's pending measurements (uWSGI calls it as the worker exits)."""
+    from django_leakguard import recorder_process
+
+    recorder_process.flush_at_exit()
+
+
+def _flush_at_c_exit(_argument: object = None) -> None:
+    # Called from C: an exception must not escape (ctypes would print it and carry on).
+    with contextlib.suppress(BaseException):
+        flush_at_exit()
+
+
+def register_c_atexit() -> bool:
+    """In a uWSGI worker, register the exit flush with the C library, once per process.
+
+    Return whether this process has it. Called at a worker's first request (see the module's
+    docstring for why not earlier); glibc's atexit() is a static stub around
+    __cxa_atexit(function, argument, NULL), which is what is called here.
+    """
+    global _c_exit_hook, _c_exit_pid
+    pid = os.getpid()
+    if _c_exit_pid == pid:
+        return _c_exit_hook is not None
+    _c_exit_pid = pid
+    uwsgi = _uwsgi_module()
+    worker_id = getattr(uwsgi, "worker_id", None)
+    if worker_id is None or not worker_id():
+        return False  # not a uWSGI worker (the master serves no request; a stand-in in tests)
+    try:
+        hook = _c_exit_hook or ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_flush_at_c_exit)
+        if ctypes.CDLL(None).__cxa_atexit(hook, None, None) != 0:
+            raise OSError("__cxa_atexit() refused the handler")
+    except (OSError, AttributeError) as exc:  # no such C library here (not glibc or musl)
+        logger.warning(
+            "django-leakguard: cannot register the uWSGI exit flush with the C library (%s): a "
+            "worker stopped during a request loses what it has not flushed yet.",
+            exc,
+        )
+        return False
+    _c_exit_hook = hook
+    return True
+
+
+def _register_at_first_request(**kwargs: object) -> None:
+    if _c_exit_pid != os.getpid():
+        with contextlib.suppress(Exception):  # never in the way of a request
+            register_c_atexit()
+
+
+def install() -> bool:
+    """Make uWSGI flush the recorder at worker exit: uwsgi.atexit (chaining an existing one),
+    and the C library's atexit() for a worker stopped during a request.
+
+    Return whether it is installed: False outside uWSGI. Calling it again changes nothing.
+    """
+    uwsgi = _uwsgi_module()
+    if uwsgi is None:
+        return False
+    from django.core.signals import request_started
+
+    request_started.connect(
+        _register_at_first_request, dispatch_uid="django_leakguard.uwsgi.register_c_atexit"
+    )
+    previous: Callable[[], object] | None = getattr(uwsgi, "atexit", None)
+    if previous is not None and getattr(previous, _MARK, False):
+        return True
+
+    def atexit() -> None:
+        # uWSGI's Python plugin calls uwsgi.atexit in each worker as it shuts down (after
+        # max-requests, reload-on-rss, a reload or a stop). The recorder's Python atexit
+        # handler usually runs as well; a second flush finds nothing left to write.
+        try:
+            flush_at_exit()
+        finally:
+            if previous is not None:
+                previous()
+
+    setattr(atexit, _MARK, True)
+    setattr(uwsgi, "atexit", atexit)  # noqa: B010  (a module attribute uWSGI reads)
+    return True

@@ -1,0 +1,179 @@
+"""Heap signals per key: enough readings, small objects seen, bounded growth told from leaks."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from django.test import Client
+
+from django_leakguard import memory, recorder, recorder_heap
+from django_leakguard.recorder import Recorder
+from django_leakguard.recorder_process import get_recorder
+from django_leakguard.records import REQUEST
+from django_leakguard.reporting.model import BLOCK_BYTES, Row, Workers
+from django_leakguard.reporting.ranking import build_report
+
+pytestmark = pytest.mark.django_db
+_small: list[str] = []
+_cache: dict[int, bytes] = {}
+
+
+@pytest.fixture
+def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
+        pytest.skip("glibc mallinfo2 is not available here")
+    # Readings cost more than the budget: past its quota a key reads the heap on no call.
+    monkeypatch.setattr(recorder_heap, "HEAP_PROBE_BUDGET", 0.0)
+    instance = get_recorder()
+    instance.discard()
+    yield instance
+    instance.discard()
+
+
+def call(rec: Recorder, key: str, work: object = None) -> None:
+    c = rec.begin(read_heap=False)
+    rec.measure_heap(c, REQUEST, key)
+    if callable(work):
+        work()
+    rec.end(c, REQUEST, key)
+
+
+def test_every_call_reads_until_the_key_has_enough_readings(rec: Recorder) -> None:
+    for _ in range(200):
+        call(rec, "/hot/")
+    for _ in range(10):
+        call(rec, "/rare/")
+    totals = rec.totals()
+    # The first call is warm-up; then MIN_READINGS early and MIN_READINGS late readings.
+    assert totals[REQUEST, "/hot/"].heap_calls == 2 * recorder.MIN_READINGS
+    assert totals[REQUEST, "/hot/"].late_calls == recorder.MIN_READINGS
+    assert totals[REQUEST, "/rare/"].heap_calls == 9  # a rare key reads at every call
+
+
+def test_calls_that_never_run_alone_stop_reading(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another call stays in flight throughout (a long request in another thread): no reading
+    # counts, and the key's readings stop at MAX_ATTEMPTS per band, then the budgeted share.
+    reads = []
+    time_heap = rec._time_heap
+
+    def counted() -> tuple[int, int] | None:
+        reads.append(1)
+        return time_heap()
+
+    monkeypatch.setattr(rec, "_time_heap", counted)
+    holder = rec.begin(read_heap=False)
+    for _ in range(300):
+        call(rec, "/busy/")
+    rec.end(holder, REQUEST, "/holder/")
+    busy = rec.totals()[REQUEST, "/busy/"]
+    assert (busy.calls, busy.heap_calls) == (300, 0)
+    early = recorder.LATE_AFTER - 1  # past the warm-up call, all early calls read
+    # A reading at the call's heap reading and one at its end.
+    assert len(reads) == 2 * (early + recorder.MAX_ATTEMPTS)
+
+
+def test_the_middleware_reads_per_key_once_the_url_is_resolved(rec: Recorder) -> None:
+    client = Client()
+    for _ in range(40):
+        client.get("/products/1/")
+        client.get("/health/")
+    totals = rec.totals()
+    # 39 calls past the warm-up, all early: the key's quota of early readings.
+    assert totals[REQUEST, "/products/<int:pk>/"].heap_calls == recorder.MIN_READINGS
+    assert totals[REQUEST, "/health/"].heap_calls == recorder.MIN_READINGS
+
+
+def test_small_objects_are_seen_as_blocks(rec: Recorder) -> None:
+    def keep_small() -> None:
+        # Short strings: new pymalloc blocks every time (tuples and floats may come from
+        # CPython's free lists, whose blocks are counted as allocated already).
+        _small.extend(f"item-{i}-{len(_small)}" for i in range(100))
+
+    for _ in range(20):
+        call(rec, "/small/", keep_small)
+        call(rec, "/plain/")
+    small = rec.totals()[REQUEST, "/small/"]
+    plain = rec.totals()[REQUEST, "/plain/"]
+    # 100 strings a call (and the list's growth, in the C heap once large): about 100 blocks.
+    assert 90 * 19 <= small.blocks_growth <= 160 * 19
+    assert abs(plain.blocks_growth) <= 5 * 19
+    _small.clear()
+
+
+def test_young_cyclic_garbage_is_not_kept(rec: Recorder) -> None:
+    def cycles() -> None:
+        for _ in range(200):
+            node: list[object] = []
+            node.append(node)
+
+    gc.collect()
+    for _ in range(20):
+        call(rec, "/cycles/", cycles)
+    assert abs(rec.totals()[REQUEST, "/cycles/"].blocks_growth) <= 5 * 19
+
+
+def test_a_filling_cache_levels_off_and_a_leak_grows(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder, "MIN_READINGS", 1000)
+    kept: list[bytes] = []
+    n = [0]
+
+    def leak() -> None:
+        kept.append(bytes(4096))
+
+    def cache() -> None:
+        n[0] += 1
+        if len(_cache) < 40:
+            _cache[n[0]] = bytes(4096)
+
+    for _ in range(200):
+        call(rec, "/leak/", leak)
+        call(rec, "/cache/", cache)
+    rows = {
+        key: Row(REQUEST, key, **{name: getattr(a, name) for name in a.__dataclass_fields__})
+        for (_, key), a in rec.totals().items()
+    }
+    assert rows["/leak/"].trend == "grows"
+    assert rows["/cache/"].trend == "levels off"
+    built = build_report(list(rows.values()), Workers(), source="database", since=None, until=None)
+    assert [row.key for row in built.rows] == ["/leak/", "/cache/"]
+    _cache.clear()
+
+
+def test_confidence_and_no_extrapolation_from_a_handful() -> None:
+    few = Row(REQUEST, "/few/", calls=1000, heap_calls=3, heap_growth=3000)
+    some = Row(REQUEST, "/some/", calls=1000, heap_calls=10, heap_growth=1000)
+    many = Row(REQUEST, "/many/", calls=1000, heap_calls=100, heap_growth=100)
+    assert (few.confidence, some.confidence, many.confidence) == ("low", "low", "high")
+    assert Row(REQUEST, "/none/", calls=5).confidence == "none"
+    assert few.heap_kept == 3000  # what the readings kept, not scaled to 1,000 calls
+    assert some.heap_kept == 100_000
+    built = build_report([few, some, many], Workers(), source="database", since=None, until=None)
+    # Three readings rank after keys that have enough to scale from, whatever they kept.
+    assert [row.key for row in built.rows] == ["/some/", "/many/", "/few/"]
+
+
+def test_ties_are_ordered_by_rss_then_calls() -> None:
+    rows = [
+        Row(REQUEST, "/a/", calls=10, heap_calls=10),
+        Row(REQUEST, "/b/", calls=10, heap_calls=10, rss_growth=4096),
+        Row(REQUEST, "/c/", calls=50, heap_calls=10),
+    ]
+    built = build_report(rows, Workers(), source="database", since=None, until=None)
+    assert [row.key for row in built.rows] == ["/b/", "/c/", "/a/"]
+
+
+def test_small_objects_count_in_the_heap_figures() -> None:
+    row = Row(REQUEST, "/s/", calls=10, heap_calls=10, heap_growth=100, blocks_growth=10)
+    assert row.heap_per_call == (100 + 10 * BLOCK_BYTES) / 10
+
+
+def test_rss_rankings_say_what_rss_blames() -> None:
+    rows = [Row(REQUEST, "/a/", calls=10)]
+    built = build_report(rows, Workers(), source="database", since=None, until=None, sort="rss")
+    assert any("a transient spike" in note for note in built.notes)

@@ -1,0 +1,166 @@
+"""A call's measurement ends after its teardown: the response closed, request_finished sent."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+from collections.abc import Iterator
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_finished
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.test import override_settings
+from django.urls import path
+
+from django_leakguard import memory, recorder, recorder_heap
+from django_leakguard.middleware import LeakGuardMiddleware, _closed
+from django_leakguard.recorder import Recorder
+from django_leakguard.recorder_process import get_recorder
+from django_leakguard.records import REQUEST, UNMATCHED
+
+MiB = 1024 * 1024
+# request_finished closes database connections.
+pytestmark = pytest.mark.django_db
+# What a view allocates and teardown frees: a database connection's buffers with
+# CONN_MAX_AGE = 0, files of a FileResponse, and the like.
+_freed_at_close: list[bytes] = []
+_freed_by_request_finished: list[bytes] = []
+_kept_while_streaming: list[bytes] = []
+
+
+def _free_on_request_finished(**kwargs: object) -> None:
+    _freed_by_request_finished.clear()
+
+
+def closing(request: HttpRequest) -> HttpResponse:
+    _freed_at_close.append(bytes(MiB))
+    _freed_by_request_finished.append(bytes(MiB))
+    response = HttpResponse(b"ok")
+    response._resource_closers.append(_freed_at_close.clear)
+    return response
+
+
+def streaming(request: HttpRequest) -> StreamingHttpResponse:
+    def content() -> Iterator[bytes]:
+        for _ in range(4):
+            _kept_while_streaming.append(bytes(256 * 1024))
+            yield b"chunk"
+
+    return StreamingHttpResponse(content())
+
+
+urlpatterns = [path("closing/", closing), path("streaming/", streaming)]
+
+
+@pytest.fixture
+def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
+        pytest.skip("glibc mallinfo2 is not available here")
+    monkeypatch.setattr(recorder_heap, "HEAP_PROBE_BUDGET", float("inf"))
+    monkeypatch.setattr(recorder, "WARM_KEYS_MAX", 0)
+    request_finished.connect(_free_on_request_finished)
+    instance = get_recorder()
+    instance.discard()
+    gc.collect()
+    gc.disable()
+    try:
+        yield instance
+    finally:
+        gc.enable()
+        request_finished.disconnect(_free_on_request_finished)
+        instance.discard()
+
+
+def serve(path_: str, rec: Recorder) -> int:
+    """Serve one request as a WSGI server does: call, iterate, close; return calls in flight."""
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path_,
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.url_scheme": "http",
+    }
+    response = WSGIHandler()(environ, lambda status, headers: None)
+    in_flight_before_close = rec.in_flight
+    for _ in response:
+        pass
+    response.close()
+    return in_flight_before_close
+
+
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+def test_what_teardown_frees_is_not_kept(rec: Recorder) -> None:
+    for _ in range(5):
+        assert serve("/closing/", rec) == 1  # in flight until the server closes the response
+    assert rec.in_flight == 0
+    totals = rec.totals()[REQUEST, "/closing/"]
+    assert totals.calls == totals.heap_calls == 5
+    # 2 MiB per call allocated and freed at teardown; before, each call kept them.
+    assert totals.heap_growth < 5 * 64 * 1024
+
+
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+def test_a_streaming_response_counts_what_producing_it_kept(rec: Recorder) -> None:
+    _kept_while_streaming.clear()
+    serve("/streaming/", rec)
+    totals = rec.totals()[REQUEST, "/streaming/"]
+    assert totals.heap_growth >= MiB
+    _kept_while_streaming.clear()
+
+
+def test_a_response_dropped_without_close_ends_its_call(rec: Recorder) -> None:
+    # An ASGI client that disconnects after the view: Django sends request_finished, never
+    # close(). The call ends when the response is freed (queued, recorded at the next end).
+    middleware = LeakGuardMiddleware(lambda request: HttpResponse())
+    response = middleware(HttpRequest())
+    assert rec.in_flight == 1
+    del response
+    gc.collect()
+    middleware(HttpRequest()).close()
+    assert rec.in_flight == 0
+    assert rec.totals()[REQUEST, UNMATCHED].calls == 2
+
+
+def test_a_closed_response_is_freed_without_the_collector(rec: Recorder) -> None:
+    middleware = LeakGuardMiddleware(lambda request: HttpResponse())
+    response = middleware(HttpRequest())
+    closer = response.close
+    assert closer._close.__self__ is response  # type: ignore[attr-defined]
+    response.close()
+    # The stand-in let go of the response's own close(): no reference cycle is left behind.
+    assert closer._close is _closed  # type: ignore[attr-defined]
+    assert gc.get_referents(closer) == [] or response not in gc.get_referents(closer)
+
+
+def test_an_async_view_cancelled_by_a_disconnect_ends_its_call(rec: Recorder) -> None:
+    async def cancelled(request: HttpRequest) -> HttpResponse:
+        raise asyncio.CancelledError
+
+    middleware = LeakGuardMiddleware(cancelled)
+
+    async def call() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await middleware(HttpRequest())
+
+    async_to_sync(call)()
+    assert rec.in_flight == 0
+    assert rec.totals()[REQUEST, UNMATCHED].calls == 1
+
+
+def test_an_async_response_ends_at_close(rec: Recorder) -> None:
+    async def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    middleware = LeakGuardMiddleware(view)
+
+    async def call() -> HttpResponse:
+        return await middleware(HttpRequest())  # type: ignore[no-any-return, misc]
+
+    response = async_to_sync(call)()
+    assert rec.in_flight == 1
+    response.close()
+    assert rec.in_flight == 0
