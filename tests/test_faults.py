@@ -305,18 +305,25 @@ def run(
 
 
 def run_and_check(
-    scenario: str, max_log_lines: int, server: str, tmp_path: Path, *args: Any, **kwargs: Any
+    scenario: str,
+    max_log_lines: int,
+    server: str,
+    tmp_path: Path,
+    *args: Any,
+    latency: bool = True,
+    **kwargs: Any,
 ) -> Outcome:
     """run(), then check(); a p99 above the bound is measured again once (a noisy machine).
 
-    Every other assertion must hold in every run.
+    Every other assertion must hold in every run. latency=False: the fault comes after the
+    load, so the load's latencies have nothing to show and are not compared.
     """
     for attempt in (1, 2):
         folder = tmp_path / f"run{attempt}"
         folder.mkdir()
         outcome = run(server, folder, *args, **kwargs)
-        check(outcome, scenario, server, max_log_lines, latency=attempt == 2)
-        if p99(outcome.during) <= p99(outcome.baseline) + P99_SLACK:
+        check(outcome, scenario, server, max_log_lines, latency=latency and attempt == 2)
+        if not latency or p99(outcome.during) <= p99(outcome.baseline) + P99_SLACK:
             break
     return outcome
 
@@ -399,7 +406,9 @@ def test_revoked_privileges(server: str, tmp_path: Path, database: Database) -> 
 @pytest.mark.parametrize("server", SERVERS)
 def test_the_database_down_at_exit(server: str, tmp_path: Path, database: Database) -> None:
     # (d) The database becomes unreachable (connections reset, new ones refused) just before
-    # the server stops: what the last flushes could not write is logged, with its counts.
+    # the server stops: what the last flushes could not write is logged, with its counts. No
+    # request runs during the fault, so latencies are not compared (a 1 s window of load with
+    # nothing injected once showed a 75 ms p99 against 19 ms before it on a busy machine).
     outcome = run_and_check(
         "down at exit",
         4,
@@ -409,5 +418,6 @@ def test_the_database_down_at_exit(server: str, tmp_path: Path, database: Databa
         lambda proxy: lambda: None,
         fault_seconds=1.0,
         down_at_exit=True,
+        latency=False,
     )
     assert outcome.exit_seconds < EXIT_TIMEOUT + 3
