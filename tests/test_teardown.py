@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
+from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.signals import request_finished
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.test import override_settings
 from django.urls import path
 
-from django_leakguard import memory, recorder, recorder_heap
+from django_leakguard import memory, middleware, recorder, recorder_heap
 from django_leakguard.middleware import LeakGuardMiddleware, _closed
 from django_leakguard.recorder import Recorder
 from django_leakguard.recorder_process import get_recorder
@@ -52,7 +56,21 @@ def streaming(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(content())
 
 
-urlpatterns = [path("closing/", closing), path("streaming/", streaming)]
+# Under ASGI, Django runs a request's sync code in a thread of its own, joined after the
+# response's close(): what the request keeps per thread is freed then.
+_per_thread = threading.local()
+
+
+def per_thread(request: HttpRequest) -> HttpResponse:
+    _per_thread.buffer = bytes(MiB)
+    return HttpResponse(b"ok")
+
+
+urlpatterns = [
+    path("closing/", closing),
+    path("streaming/", streaming),
+    path("per-thread/", per_thread),
+]
 
 
 @pytest.fixture
@@ -90,6 +108,118 @@ def serve(path_: str, rec: Recorder) -> int:
         pass
     response.close()
     return in_flight_before_close
+
+
+def serve_asgi(paths: list[str], rec: Recorder) -> list[int]:
+    """Serve requests one by one as an ASGI server does (one event loop, Django's handler).
+
+    Return the calls in flight after each, once the handler has returned and its call ended
+    (waiting at most a second).
+    """
+
+    async def one(path_: str) -> int:
+        sent = asyncio.Event()
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, object]:
+            if messages:
+                return messages.pop()
+            await sent.wait()  # as Uvicorn: a disconnect once the response is complete
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                sent.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path_,
+            "raw_path": path_.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+        }
+        await ASGIHandler()(scope, receive, send)
+        for _ in range(1000):  # the handler's thread that joins the request's executor ends
+            if not rec.in_flight:
+                break
+            await asyncio.sleep(0.001)
+        return rec.in_flight
+
+    async def main() -> list[int]:
+        return [await one(path_) for path_ in paths]
+
+    return asyncio.run(main())
+
+
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+def test_what_an_asgi_request_thread_holds_until_teardown_is_not_kept(rec: Recorder) -> None:
+    assert serve_asgi(["/per-thread/"] * 5, rec) == [0] * 5
+    totals = rec.totals()[REQUEST, "/per-thread/"]
+    assert totals.calls == totals.heap_calls == 5
+    # 1 MiB per call, kept by the request's thread, freed when the handler joins it; ended at
+    # close (which runs in that thread), each call kept it.
+    assert totals.heap_growth < 5 * 64 * 1024
+
+
+class _Context:
+    """Stands in for an asgiref ThreadSensitiveContext whose executor is never shut down."""
+
+
+@contextlib.contextmanager
+def request_context() -> Iterator[ThreadPoolExecutor]:
+    context = _Context()
+    executor = ThreadPoolExecutor(max_workers=1)
+    SyncToAsync.context_to_thread_executor[context] = executor  # type: ignore[index]
+    token = SyncToAsync.thread_sensitive_context.set(context)  # type: ignore[arg-type]
+    try:
+        yield executor
+    finally:
+        SyncToAsync.thread_sensitive_context.reset(token)
+        SyncToAsync.context_to_thread_executor.pop(context, None)  # type: ignore[call-overload]
+        middleware._Teardown.end_overdue(float("inf"))
+
+
+def test_a_call_ends_when_its_request_executor_shuts_down(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "TEARDOWN_WAIT", 0.0)
+    view = LeakGuardMiddleware(lambda request: HttpResponse())
+    with request_context() as first:
+        view(HttpRequest()).close()
+        assert rec.in_flight == 1  # closed, waiting for its executor
+        first.shutdown()
+        assert rec.in_flight == 0
+    with request_context():
+        view(HttpRequest()).close()
+        assert rec.in_flight == 1
+    # An executor that is never shut down: a later request's close ends the call.
+    with request_context():
+        view(HttpRequest()).close()
+        assert rec.in_flight == 1
+    assert rec.in_flight == 0
+    assert rec.totals()[REQUEST, UNMATCHED].calls == 3
+
+
+def test_at_most_so_many_calls_wait_for_their_teardown(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "TEARDOWN_WAITING_MAX", 2)
+    view = LeakGuardMiddleware(lambda request: HttpResponse())
+    in_flight = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(4):
+            stack.enter_context(request_context())
+            view(HttpRequest()).close()
+            in_flight.append(rec.in_flight)
+    assert in_flight == [1, 2, 2, 2]
+    assert rec.totals()[REQUEST, UNMATCHED].calls == 4
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])

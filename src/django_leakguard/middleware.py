@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import SyncToAsync, iscoroutinefunction, markcoroutinefunction
 from django.apps import apps
 from django.core.exceptions import MiddlewareNotUsed
 from django.http import HttpRequest, HttpResponseBase
@@ -18,6 +22,20 @@ from django_leakguard.recorder_process import get_recorder, recording
 from django_leakguard.records import REQUEST, UNMATCHED, route_key
 
 logger = logging.getLogger("django_leakguard")
+
+# Django's ASGI handler serves each request inside an asgiref ThreadSensitiveContext (its own
+# thread for sync code, joined at the end) and keeps what the request set in its context (the
+# database connection wrappers of CONN_MAX_AGE = 0, thread-sensitive locals) until the
+# handler returns, after the response is closed. The context is freed then: a call served
+# inside one ends when it is, so that this teardown is not counted as kept (see _Teardown).
+_REQUEST_CONTEXT: ContextVar[object] | None = getattr(
+    SyncToAsync, "thread_sensitive_context", None
+)
+# A call whose request context outlives its response (a task the view started inherits the
+# context) ends at most this many seconds after the close, at a later request's close.
+TEARDOWN_WAIT = 2.0
+# Calls waiting for their request context to be freed, oldest first (bounded: see _Teardown).
+TEARDOWN_WAITING_MAX = 1000
 
 
 def request_key(request: HttpRequest) -> tuple[str, str]:
@@ -55,16 +73,26 @@ class _EndAtClose:
     response) ends its call when it is freed: no call stays in flight for ever.
     """
 
-    __slots__ = ("_call", "_close", "_key", "_recorder", "_view")
+    __slots__ = ("_call", "_close", "_context", "_key", "_loop", "_recorder", "_view")
 
     def __init__(
-        self, recorder: Recorder, call: Call, close: Callable[[], None], key: str, view: str
+        self,
+        recorder: Recorder,
+        call: Call,
+        close: Callable[[], None],
+        key: str,
+        view: str,
+        context: object | None,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         self._recorder = recorder
+        self._loop = loop
         self._call: Call | None = call
         self._close = close
         self._key = key
         self._view = view
+        # The ASGI request context the call runs in, if any: the call ends once it is freed.
+        self._context = context
 
     def __call__(self) -> None:
         try:
@@ -77,9 +105,12 @@ class _EndAtClose:
             # it so that the response is freed by reference counting, not by the collector.
             self._close = _closed
             call, self._call = self._call, None
+            context, self._context = self._context, None
             if call is not None:
-                held = () if response is None else (response,)
-                self._recorder.end(call, REQUEST, self._key, self._view, held)
+                teardown = _Teardown(self._recorder, call, self._key, self._view, self._loop)
+                if context is None or not teardown.wait_for(context):
+                    held = () if response is None else (response,)
+                    self._recorder.end(call, REQUEST, self._key, self._view, held)
 
     def __del__(self) -> None:
         call = self._call
@@ -91,6 +122,85 @@ class _EndAtClose:
 
 def _closed() -> None:
     return None
+
+
+class _Teardown:
+    """A closed call that ends once Django's ASGI handler has torn its request down.
+
+    The handler runs a request's sync code (its views, the response's close()) in the
+    executor of the request's asgiref ThreadSensitiveContext, shuts that executor down once it
+    has returned, and lets go of it as the handler returns. The call ends then: on the event
+    loop the request was served from, once the executor is freed (a weakref finaliser, which
+    may run in any thread, even while the recorder holds its lock, so it only schedules the
+    end); where that loop is not known (the middleware running in the request's thread),
+    right after the executor's shutdown. A request whose executor outlives it ends its call at
+    a later request's close, once TEARDOWN_WAIT has passed; at most TEARDOWN_WAITING_MAX calls
+    wait.
+    """
+
+    __slots__ = ("__weakref__", "_call", "_closed_at", "_key", "_loop", "_recorder", "_view")
+    _waiting: dict[int, _Teardown] = {}
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        call: Call,
+        key: str,
+        view: str,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self._recorder = recorder
+        self._call: Call | None = call
+        self._key = key
+        self._view = view
+        self._loop = loop
+        self._closed_at = time.monotonic()
+
+    def wait_for(self, context: object) -> bool:
+        """End the call once context's executor is done with; False when it has none."""
+        executors = getattr(SyncToAsync, "context_to_thread_executor", None)
+        executor = None if executors is None else executors.get(context)
+        if executor is None:
+            return False
+        _Teardown.end_overdue(self._closed_at)
+        if self._loop is not None:
+            weakref.finalize(executor, self._freed)
+        else:
+            shutdown = executor.shutdown
+
+            def shutdown_then_end(*args: Any, **kwargs: Any) -> None:
+                try:
+                    shutdown(*args, **kwargs)
+                finally:
+                    self.end()
+
+            executor.shutdown = shutdown_then_end
+        _Teardown._waiting[id(self)] = self
+        return True
+
+    def _freed(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.end)  # type: ignore[union-attr]
+        except RuntimeError:  # the loop is closed: end with the next call
+            call, self._call = self._call, None
+            _Teardown._waiting.pop(id(self), None)
+            if call is not None:
+                self._recorder.end_later(call, REQUEST, self._key, self._view)
+
+    @staticmethod
+    def end_overdue(now: float) -> None:
+        """End the calls waiting longer than TEARDOWN_WAIT, or past TEARDOWN_WAITING_MAX."""
+        waiting = _Teardown._waiting
+        for teardown in list(waiting.values()):
+            if now - teardown._closed_at < TEARDOWN_WAIT and len(waiting) < TEARDOWN_WAITING_MAX:
+                break
+            teardown.end()
+
+    def end(self) -> None:
+        _Teardown._waiting.pop(id(self), None)
+        call, self._call = self._call, None
+        if call is not None:
+            self._recorder.end(call, REQUEST, self._key, self._view)
 
 
 class LeakGuardMiddleware:
@@ -158,7 +268,7 @@ class LeakGuardMiddleware:
         except BaseException:  # CancelledError too: the client disconnected during the view
             recorder.end(call, REQUEST, *ended_key(request))
             raise
-        return _end_at_close(recorder, call, request, response)
+        return _end_at_close(recorder, call, request, response, asyncio.get_running_loop())
 
 
 def _measure_heap(request: HttpRequest) -> None:
@@ -170,11 +280,16 @@ def _measure_heap(request: HttpRequest) -> None:
 
 
 def _end_at_close(
-    recorder: Recorder, call: Call, request: HttpRequest, response: HttpResponseBase
+    recorder: Recorder,
+    call: Call,
+    request: HttpRequest,
+    response: HttpResponseBase,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> HttpResponseBase:
     key, view = ended_key(request)
+    context = None if _REQUEST_CONTEXT is None else _REQUEST_CONTEXT.get(None)
     try:
-        response.close = _EndAtClose(recorder, call, response.close, key, view)  # type: ignore[method-assign]
+        response.close = _EndAtClose(recorder, call, response.close, key, view, context, loop)  # type: ignore[method-assign]
     except Exception:  # a response object that does not take attributes: end the call now
         recorder.end(call, REQUEST, key, view)
     return response
