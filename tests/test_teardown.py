@@ -7,6 +7,7 @@ import contextlib
 import gc
 import io
 import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -205,6 +206,17 @@ def test_a_call_ends_when_its_request_executor_shuts_down(
         assert rec.in_flight == 1
     assert rec.in_flight == 0
     assert rec.totals()[REQUEST, UNMATCHED].calls == 3
+
+
+def test_a_call_waiting_for_its_executor_makes_no_reference_cycle(rec: Recorder) -> None:
+    view = LeakGuardMiddleware(lambda request: HttpResponse())
+    with request_context() as executor:
+        view(HttpRequest()).close()
+        executor.shutdown()
+        executor_ref = weakref.ref(executor)
+        del executor
+    assert rec.in_flight == 0
+    assert executor_ref() is None  # the collector is off (see rec): freed by reference counts
 
 
 def test_at_most_so_many_calls_wait_for_their_teardown(

@@ -166,11 +166,15 @@ class _Teardown:
         if self._loop is not None:
             weakref.finalize(executor, self._freed)
         else:
-            shutdown = executor.shutdown
+            # Neither the executor nor its bound method: the executor must not refer to itself.
+            executor_ref = weakref.ref(executor)
+            shutdown = type(executor).shutdown
 
             def shutdown_then_end(*args: Any, **kwargs: Any) -> None:
                 try:
-                    shutdown(*args, **kwargs)
+                    target = executor_ref()
+                    if target is not None:
+                        shutdown(target, *args, **kwargs)
                 finally:
                     self.end()
 
