@@ -9,6 +9,7 @@ else to a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -156,7 +157,7 @@ def log_in(page: Any, site: Site, username: str) -> None:
 
 
 def stored_hours(site: Site, kind: str, key: str) -> list[tuple[int, int, int, int]]:
-    with sqlite3.connect(site.database) as connection:
+    with contextlib.closing(sqlite3.connect(site.database)) as connection:
         return connection.execute(
             "SELECT calls, heap_calls, heap_growth, rss_growth FROM django_leakguard_growth "
             "WHERE kind = ? AND key = ? ORDER BY hour",
@@ -226,7 +227,7 @@ def test_staff_see_one_keys_charts_with_the_stored_values(page: Any, site: Site)
 def test_staff_see_the_workers_and_the_recommendation(page: Any, site: Site) -> None:
     log_in(page, site, "staff")
     page.goto(site.server.url("/admin/django_leakguard/worker/?since=1h"))
-    with sqlite3.connect(site.database) as connection:
+    with contextlib.closing(sqlite3.connect(site.database)) as connection:
         stored = connection.execute("SELECT count(*) FROM django_leakguard_worker").fetchone()[0]
     assert page.locator("#leakguard-worker-list tbody tr").count() == stored
     chart = page.locator("svg.leakguard-chart")

@@ -9,6 +9,7 @@ that the test locks for longer than SQLite's busy timeout while requests run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 import sqlite3
@@ -153,11 +154,10 @@ def test_a_locked_sqlite_database_holds_up_no_request_under_the_gevent_worker(
     during = [latency for began, latency in samples if locked_at <= began < unlocked_at]
     assert len(during) > 20, "too few requests during the lock to judge"
     assert max(during) < 1.0, f"a request waited {max(during):.2f} s while the database was locked"
-    with sqlite3.connect(recorded) as connection:
+    with contextlib.closing(sqlite3.connect(recorded)) as connection:
         (stored,) = connection.execute(
             "SELECT COALESCE(SUM(calls), 0) FROM django_leakguard_growth WHERE kind = 'request'"
         ).fetchone()
-    connection.close()
     # Every request served (the readiness probes' "/" included) is stored: the lock delayed the
     # writes, the flush after it and the one at exit wrote them.
     served = len(samples) + len(re.findall(r"path=/$", log, re.MULTILINE))

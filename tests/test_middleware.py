@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -338,7 +339,7 @@ def test_counts_are_exact_after_the_process_exits(tmp_path: Path, unreachable: b
     assert result.returncode == 0, result.stderr
     if unreachable:
         assert result.stderr.count("could not write memory measurements") == 1
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute(
             "SELECT key, SUM(calls), SUM(heap_growth), SUM(heap_calls) "
             "FROM django_leakguard_growth GROUP BY key ORDER BY SUM(heap_growth) DESC"

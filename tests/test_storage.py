@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -494,7 +495,7 @@ def test_concurrent_flushes_on_a_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path), "OPTIONS": {"timeout": 30}}
     run_processes(db, processes=4, calls=400, flushes=10)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         rows = conn.execute("SELECT key, calls FROM django_leakguard_growth").fetchall()
         [(workers,)] = conn.execute("SELECT SUM(calls) FROM django_leakguard_worker").fetchall()
         [(count,)] = conn.execute("SELECT COUNT(*) FROM django_leakguard_worker").fetchall()
@@ -648,7 +649,7 @@ def test_concurrent_site_merges_on_a_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path), "OPTIONS": {"timeout": 30}}
     run_site_writers(db, processes=4, flushes=20)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         [(calls, retained, sites)] = conn.execute(
             "SELECT traced_calls, traced_retained, traced_sites FROM django_leakguard_growth"
         ).fetchall()

@@ -36,6 +36,9 @@ _REQUEST_CONTEXT: ContextVar[object] | None = getattr(
 TEARDOWN_WAIT = 2.0
 # Calls waiting for their request context to be freed, oldest first (bounded: see _Teardown).
 TEARDOWN_WAITING_MAX = 1000
+# Where the request's executor is not freed once the handler returns, its call ends this many
+# seconds after the executor's shutdown.
+TEARDOWN_FALLBACK = 0.01
 
 
 def request_key(request: HttpRequest) -> tuple[str, str]:
@@ -132,8 +135,9 @@ class _Teardown:
     has returned, and lets go of it as the handler returns. The call ends then: on the event
     loop the request was served from, once the executor is freed (a weakref finaliser, which
     may run in any thread, even while the recorder holds its lock, so it only schedules the
-    end); where that loop is not known (the middleware running in the request's thread),
-    right after the executor's shutdown. A request whose executor outlives it ends its call at
+    end), or TEARDOWN_FALLBACK seconds after the executor's shutdown where something still
+    refers to it then; where that loop is not known (the middleware running in the request's
+    thread), right after the shutdown. A request whose executor outlives it ends its call at
     a later request's close, once TEARDOWN_WAIT has passed; at most TEARDOWN_WAITING_MAX calls
     wait.
     """
@@ -163,28 +167,37 @@ class _Teardown:
         if executor is None:
             return False
         _Teardown.end_overdue(self._closed_at)
-        if self._loop is not None:
+        loop = self._loop
+        if loop is not None:
             weakref.finalize(executor, self._freed)
-        else:
-            # Neither the executor nor its bound method: the executor must not refer to itself.
-            executor_ref = weakref.ref(executor)
-            shutdown = type(executor).shutdown
+        # Neither the executor nor its bound method: the executor must not refer to itself.
+        executor_ref = weakref.ref(executor)
+        shutdown = type(executor).shutdown
 
-            def shutdown_then_end(*args: Any, **kwargs: Any) -> None:
-                try:
-                    target = executor_ref()
-                    if target is not None:
-                        shutdown(target, *args, **kwargs)
-                finally:
+        def shutdown_then_end(*args: Any, **kwargs: Any) -> None:
+            try:
+                target = executor_ref()
+                if target is not None:
+                    shutdown(target, *args, **kwargs)
+            finally:
+                if loop is None:
                     self.end()
+                else:
+                    # Where the executor outlives the handler (a reference cycle in some
+                    # asgiref releases' frames, freed by the collector later): end anyway.
+                    self._schedule(loop.call_later, TEARDOWN_FALLBACK, self.end)
 
-            executor.shutdown = shutdown_then_end
+        executor.shutdown = shutdown_then_end
         _Teardown._waiting[id(self)] = self
         return True
 
     def _freed(self) -> None:
+        self._schedule(self.end)
+
+    def _schedule(self, callback: Callable[..., object], *args: object) -> None:
+        """Run callback(*args) on the request's loop from any thread, else end at the next call."""
         try:
-            self._loop.call_soon_threadsafe(self.end)  # type: ignore[union-attr]
+            self._loop.call_soon_threadsafe(callback, *args)  # type: ignore[union-attr]
         except RuntimeError:  # the loop is closed: end with the next call
             call, self._call = self._call, None
             _Teardown._waiting.pop(id(self), None)
