@@ -7,6 +7,7 @@ import contextlib
 import gc
 import io
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -67,10 +68,23 @@ def per_thread(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"ok")
 
 
+def starts_a_thread(request: HttpRequest) -> HttpResponse:
+    # A thread that holds memory a little longer than the view, as the event loop thread of
+    # async_to_sync does under WSGI; it frees it as it ends.
+    def hold() -> None:
+        buffer = bytes(MiB)
+        time.sleep(0.02)
+        del buffer
+
+    threading.Thread(target=hold).start()
+    return HttpResponse(b"ok")
+
+
 urlpatterns = [
     path("closing/", closing),
     path("streaming/", streaming),
     path("per-thread/", per_thread),
+    path("starts-a-thread/", starts_a_thread),
 ]
 
 
@@ -232,6 +246,47 @@ def test_at_most_so_many_calls_wait_for_their_teardown(
             in_flight.append(rec.in_flight)
     assert in_flight == [1, 2, 2, 2]
     assert rec.totals()[REQUEST, UNMATCHED].calls == 4
+
+
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+@pytest.mark.parametrize("wait", [5.0, 0.0])
+def test_a_call_waits_for_the_threads_it_started_to_end(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch, wait: float
+) -> None:
+    monkeypatch.setattr(recorder_heap, "THREADS_WAIT", wait)
+    for _ in range(3):
+        serve("/starts-a-thread/", rec)
+        time.sleep(0.05)  # the thread has ended before the next call
+    totals = rec.totals()[REQUEST, "/starts-a-thread/"]
+    assert totals.heap_calls == 3
+    if wait:
+        assert totals.heap_growth < 3 * 64 * 1024
+    else:  # without the wait, each call keeps what its thread still held
+        assert totals.heap_growth > 3 * MiB * 0.9
+
+
+def test_no_wait_for_threads_on_an_event_loop() -> None:
+    ending = threading.Event()
+    thread = threading.Thread(target=ending.wait, args=(10,))
+    before = memory.threads()
+    assert before is not None
+    thread.start()
+    try:
+
+        async def wait() -> float:
+            started = time.monotonic()
+            recorder_heap.HeapTiming._wait_for_threads(before)
+            return time.monotonic() - started
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(recorder_heap, "THREADS_WAIT", 1.0)
+            assert asyncio.run(wait()) < 0.5
+            started = time.monotonic()
+            recorder_heap.HeapTiming._wait_for_threads(before)  # not on a loop: waits, bounded
+            assert 1.0 <= time.monotonic() - started < 2.0
+    finally:
+        ending.set()
+        thread.join()
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])

@@ -173,6 +173,7 @@ class Recorder(Flushing, HeapTiming):
             if not reuse:
                 rss = memory.rss()
                 heap = self._time_heap() if reads_heap else None
+            threads = memory.threads() if reads_heap else None
             with self._lock:
                 in_flight = self._in_flight
                 if rss is None:
@@ -204,8 +205,10 @@ class Recorder(Flushing, HeapTiming):
                     self._flushes,
                     self._blocks_share,
                 )
-                if heap is not None and not in_flight:
-                    call.alone_since = self._call_events
+                if heap is not None:
+                    call.threads = -1 if threads is None else threads
+                    if not in_flight:
+                        call.alone_since = self._call_events
                 lost = self._sample(call, in_flight) if self._tracing else None
             if lost is not None:
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
@@ -256,6 +259,7 @@ class Recorder(Flushing, HeapTiming):
             heap = self._time_heap()
             if heap is None:
                 return  # pragma: no cover - CI has glibc >= 2.33
+            threads = memory.threads()
             with self._lock:
                 if call.generation != self._generation:
                     return
@@ -263,6 +267,7 @@ class Recorder(Flushing, HeapTiming):
                 call.blocks_share = self._blocks_share
                 call.flushes = self._flushes
                 call.late = late
+                call.threads = -1 if threads is None else threads
                 if self._in_flight == 1:
                     call.alone_since = self._call_events
                 self._tally(name, ATTEMPTS + late, hour)
@@ -371,6 +376,8 @@ class Recorder(Flushing, HeapTiming):
             if call.generation != self._generation:
                 return  # begun before a fork or a discard(), or begin() failed
             call.generation = -1  # a second end() of the same call is ignored
+            if call.heap_share is not None and call.threads >= 0:
+                self._wait_for_threads(call.threads)
             rss = memory.rss()
             heap = None if call.heap_share is None else self._time_heap()
             hour = int(time.time()) // 3600

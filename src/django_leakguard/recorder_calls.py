@@ -16,6 +16,7 @@ class Call:
         "heap_share",
         "late",
         "rss_share",
+        "threads",
         "trace",
     )
 
@@ -42,5 +43,8 @@ class Call:
         # other call in flight; -1 otherwise. A heap reading counts only for a call that stayed
         # alone until its end (see Recorder._end).
         self.alone_since = -1
+        # The process's threads when the call read the heap (-1: not read, or not known): its
+        # end waits briefly for the threads it started to be gone (see HeapTiming).
+        self.threads = -1
         # The allocation trace of a sampled call; None for almost every call.
         self.trace: Trace | None = None
