@@ -476,6 +476,19 @@ def test_flush_writes_and_empties(rec: Recorder) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_flush_records_the_calls_ended_later(rec: Recorder) -> None:
+    # A response freed without close() ends its call from a finaliser (end_later): a process
+    # whose last call that was is flushed with it, not left behind.
+    call = rec.begin()
+    rec.end_later(call, "request", "/dropped/", "tests.dropped")
+    assert rec.in_flight == 1
+    assert rec.flush() is True
+    assert rec.in_flight == 0
+    row = Growth.objects.get(key="/dropped/")
+    assert (row.calls, row.heap_calls) == (1, 0)  # read at the flush, not at its end
+
+
+@pytest.mark.django_db(transaction=True)
 def test_flush_if_due_waits_for_the_interval(rec: Recorder) -> None:
     rec.end(rec.begin(), "request", "/a/")
     rec.flush_if_due()

@@ -347,7 +347,7 @@ class Recorder(Flushing, HeapTiming):
         return result
 
     def end_later(self, call: Call, kind: str, key: str, view: str = "") -> None:
-        """End call at the next call's end: for finalisers, which must not take the lock."""
+        """End call at the next call's end or flush: for finalisers, which must not lock."""
         self._late.append((call, kind, key, view))
 
     def end(
@@ -358,13 +358,23 @@ class Recorder(Flushing, HeapTiming):
         held: what the call's caller still refers to and frees right after (the response
         being closed): a traced call does not count it as retained.
         """
+        if self._late:
+            self._end_late()
+        self._end(call, kind, key, view, held)
+
+    def _end_late(self) -> None:
+        """Record the calls end_later() queued (at a call's end, or before a flush takes them).
+
+        Their memory is read now, not when they ended: their heap readings do not count.
+        """
         late = self._late
         while late:
             try:
-                self._end(*late.popleft())
+                call, kind, key, view = late.popleft()
             except IndexError:  # pragma: no cover - another thread took the last one
                 break
-        self._end(call, kind, key, view, held)
+            call.alone_since = -1
+            self._end(call, kind, key, view)
 
     def _end(
         self, call: Call, kind: str, key: str, view: str, held: tuple[object, ...] = ()

@@ -6,11 +6,16 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
+from typing import TYPE_CHECKING
 
 from django_leakguard import conf, threads
 from django_leakguard.flusher import EXIT_TIMEOUT, Flusher, run_bounded
 from django_leakguard.recorder_pending import PendingAggregates, describe_batch, describe_pending
 from django_leakguard.records import Batch, Pending, Writer
+
+if TYPE_CHECKING:
+    from django_leakguard.recorder_calls import Call
 
 logger = logging.getLogger("django_leakguard")
 
@@ -58,6 +63,10 @@ class Flushing(PendingAggregates):
     _write_tokens: itertools.count[int]  # batches being written, by a token of their own
     _writing: dict[int, Batch]
     _reported: set[int]  # tokens of the writes already counted as lost
+    _late: deque[tuple[Call, str, str, str]]  # calls ended without the lock (end_later)
+
+    def _end_late(self) -> None:  # pragma: no cover - the Recorder's
+        raise NotImplementedError
 
     @property
     def writer(self) -> Writer:
@@ -184,6 +193,8 @@ class Flushing(PendingAggregates):
             return False
         try:
             self._last_flush = time.monotonic()
+            if self._late:
+                self._end_late()  # so that a process's last calls are not left behind
             batch = self._take(wait)
         except TimeoutError:
             if wait:
