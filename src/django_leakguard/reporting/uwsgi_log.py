@@ -21,6 +21,7 @@ call). What a line holds and how its path becomes a key: `uwsgi_lines`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import compress, repeat
@@ -227,7 +228,12 @@ class LogParser:
             self._set_grouping("pattern")
             self.group_by_reason = "no paths to resolve against the URLconf"
             return
-        resolved = sum(self._key_for_urlconf(path) is not None for path in paths)
+        # Each distinct path resolved once: the sample repeats its busiest paths many times.
+        resolved = sum(
+            count
+            for path, count in Counter(paths).items()
+            if self._key_for_urlconf(path) is not None
+        )
         share = resolved / len(paths)
         self._set_grouping("urlconf" if share >= AUTO_MIN_RESOLVED else "pattern")
         self.group_by_reason = (
