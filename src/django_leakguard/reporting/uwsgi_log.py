@@ -339,8 +339,9 @@ class LogParser:
         for pid, rss, req, app, date, group, uri in zip(
             pids, map(int, rss_values), map(int, reqs), apps, dates, groups, uris, strict=True
         ):
-            worker = live.get(pid)
-            if worker is None:
+            try:
+                worker = live[pid]
+            except KeyError:
                 self._first_line(pid, rss, req, app, date, group, uri, shapes)
                 continue
             # A counter that does not go back starts no worker: most lines skip the call.
