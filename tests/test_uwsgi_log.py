@@ -84,6 +84,23 @@ def test_auto_falls_back_to_pattern_when_the_urlconf_does_not_match() -> None:
     assert summary.groups == PATTERN_GROUPS
 
 
+def test_auto_resolves_paths_that_differ_only_in_digits_once() -> None:
+    resolved: list[str] = []
+
+    def key(path: str) -> str | None:
+        resolved.append(path)
+        return "/products/<int:pk>/" if path.startswith("/products/") else None
+
+    paths = ["/products/1/", "/products/22/", "/products/7/", "/api/v1/", "/api/v2/", "/a%31/"]
+    parser = LogParser(key_for_urlconf=key, digits_that_matter=lambda: (b"api/v0/",))
+    parser.feed_bytes(b"".join(line(1, n, 1000, path) for n, path in enumerate(paths, 1)))
+    summary = parser.summary()
+    assert summary.group_by_reason == "50% of the first 6 paths resolved against the URLconf"
+    # /products/22/ has another length; a route's digits and %-escapes are resolved as they are.
+    assert resolved[:5] == ["/products/1/", "/products/22/", "/api/v1/", "/api/v2/", "/a1/"]
+    assert summary.groups["/products/<int:pk>/"].calls == 2
+
+
 def test_gzip_and_stdin_give_the_same_result(tmp_path: Path) -> None:
     gz = tmp_path / "log.gz"
     gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))

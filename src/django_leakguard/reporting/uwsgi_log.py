@@ -111,6 +111,25 @@ def is_respawn(worker: LiveWorker, req: int, app: bytes) -> bool:
     )
 
 
+def resolving_alike(paths: list[bytes], found: tuple[bytes, ...] | None) -> Counter[bytes]:
+    """Return one raw path of each set of paths that resolve alike, and the size of its set.
+
+    Paths that differ only in their digits resolve alike, as the caches assume, unless digits
+    matter anywhere (found is None), the path has %-escapes or it holds one of the texts found
+    (digits zeroed): those are only the same path as themselves.
+    """
+    counts = Counter(paths)
+    if found is None:
+        return counts
+    first: dict[bytes, bytes] = {}
+    sizes: Counter[bytes] = Counter()
+    for path, count in counts.items():
+        zeroed = path.translate(ZERO_DIGITS)
+        key = path if b"%" in path or any(text in zeroed for text in found) else zeroed
+        sizes[first.setdefault(key, path)] += count
+    return sizes
+
+
 class LogParser:
     """Feed it logs (binary streams or bytes); read the result with summary()."""
 
@@ -223,26 +242,31 @@ class LogParser:
 
     def _decide_grouping(self, uris: list[bytes]) -> None:
         """Pick urlconf grouping when most sampled paths resolve, else placeholders."""
-        paths = [decode_path(raw_path(uri)) for uri in uris[:AUTO_SAMPLE_LINES] if uri != b"-"]
+        paths = [raw_path(uri) for uri in uris[:AUTO_SAMPLE_LINES] if uri != b"-"]
         if not paths:
-            self._set_grouping("pattern")
+            self._use_grouping("pattern", ())
             self.group_by_reason = "no paths to resolve against the URLconf"
             return
-        # Each distinct path resolved once: the sample repeats its busiest paths many times.
+        found = self._digits_that_matter()
         resolved = sum(
             count
-            for path, count in Counter(paths).items()
-            if self._key_for_urlconf(path) is not None
+            for path, count in resolving_alike(paths, found).items()
+            if self._key_for_urlconf(decode_path(path)) is not None
         )
         share = resolved / len(paths)
-        self._set_grouping("urlconf" if share >= AUTO_MIN_RESOLVED else "pattern")
+        group_by = "urlconf" if share >= AUTO_MIN_RESOLVED else "pattern"
+        self._use_grouping(group_by, () if group_by == "pattern" else found)
         self.group_by_reason = (
             f"{share:.0%} of the first {len(paths):,} paths resolved against the URLconf"
         )
 
     def _set_grouping(self, group_by: str) -> None:
-        self.group_by = group_by
         found = () if group_by == "pattern" else self._digits_that_matter()
+        self._use_grouping(group_by, found)
+
+    def _use_grouping(self, group_by: str, found: tuple[bytes, ...] | None) -> None:
+        """Group by group_by; found: the routes' texts with digits (digits_that_matter())."""
+        self.group_by = group_by
         self._zero_digits = found is not None
         self._digit_texts = found or ()
 
