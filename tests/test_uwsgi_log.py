@@ -101,6 +101,12 @@ def test_auto_resolves_paths_that_differ_only_in_digits_once() -> None:
     assert summary.groups["/products/<int:pk>/"].calls == 2
 
 
+def test_paths_resolve_alike_only_where_digits_never_matter() -> None:
+    paths = [b"/a/1/", b"/a/2/", b"/a/1/", b"/a/10/"]
+    assert uwsgi_log.resolving_alike(paths, None) == {b"/a/1/": 2, b"/a/2/": 1, b"/a/10/": 1}
+    assert uwsgi_log.resolving_alike(paths, ()) == {b"/a/1/": 3, b"/a/10/": 1}
+
+
 def test_gzip_and_stdin_give_the_same_result(tmp_path: Path) -> None:
     gz = tmp_path / "log.gz"
     gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
