@@ -696,6 +696,15 @@ def test_fast_path_agrees_with_the_regular_expression(odd: bytes) -> None:
     assert slow.lines == 4
 
 
+def test_pieces_of_a_chunk_give_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [line(1, 1, 1000), *ODD_LINES, line(1, 50, 2000, "/b/" + "x" * 400), line(3, 2, 30)]
+    lines += [line(1, 51 + n, 2000 + n * 4096, f"/c/{n}/") for n in range(20)]
+    whole = parse(*lines)
+    monkeypatch.setattr(uwsgi_log, "PIECE_SIZE", 300)  # about a line; one is longer
+    assert parse(*lines) == whole
+    assert parse(*lines) == reference(*lines)
+
+
 def test_fast_path_reads_plain_lines() -> None:
     lines = [line(1, 1, 1000), line(1, 2, 1100, "/a/?x=1"), ODD_LINES[5]]
     parser = LogParser("pattern")
