@@ -84,6 +84,29 @@ def test_auto_falls_back_to_pattern_when_the_urlconf_does_not_match() -> None:
     assert summary.groups == PATTERN_GROUPS
 
 
+def test_auto_resolves_paths_that_differ_only_in_digits_once() -> None:
+    resolved: list[str] = []
+
+    def key(path: str) -> str | None:
+        resolved.append(path)
+        return "/products/<int:pk>/" if path.startswith("/products/") else None
+
+    paths = ["/products/1/", "/products/22/", "/products/7/", "/api/v1/", "/api/v2/", "/a%31/"]
+    parser = LogParser(key_for_urlconf=key, digits_that_matter=lambda: (b"api/v0/",))
+    parser.feed_bytes(b"".join(line(1, n, 1000, path) for n, path in enumerate(paths, 1)))
+    summary = parser.summary()
+    assert summary.group_by_reason == "50% of the first 6 paths resolved against the URLconf"
+    # /products/22/ has another length; a route's digits and %-escapes are resolved as they are.
+    assert resolved[:5] == ["/products/1/", "/products/22/", "/api/v1/", "/api/v2/", "/a1/"]
+    assert summary.groups["/products/<int:pk>/"].calls == 2
+
+
+def test_paths_resolve_alike_only_where_digits_never_matter() -> None:
+    paths = [b"/a/1/", b"/a/2/", b"/a/1/", b"/a/10/"]
+    assert uwsgi_log.resolving_alike(paths, None) == {b"/a/1/": 2, b"/a/2/": 1, b"/a/10/": 1}
+    assert uwsgi_log.resolving_alike(paths, ()) == {b"/a/1/": 3, b"/a/10/": 1}
+
+
 def test_gzip_and_stdin_give_the_same_result(tmp_path: Path) -> None:
     gz = tmp_path / "log.gz"
     gz.write_bytes(gzip.compress(FIXTURE.read_bytes()))
@@ -671,6 +694,15 @@ def test_fast_path_agrees_with_the_regular_expression(odd: bytes) -> None:
     fast, slow = parse(*lines), reference(*lines)
     assert fast == slow
     assert slow.lines == 4
+
+
+def test_pieces_of_a_chunk_give_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = [line(1, 1, 1000), *ODD_LINES, line(1, 50, 2000, "/b/" + "x" * 400), line(3, 2, 30)]
+    lines += [line(1, 51 + n, 2000 + n * 4096, f"/c/{n}/") for n in range(20)]
+    whole = parse(*lines)
+    monkeypatch.setattr(uwsgi_log, "PIECE_SIZE", 300)  # about a line; one is longer
+    assert parse(*lines) == whole
+    assert parse(*lines) == reference(*lines)
 
 
 def test_fast_path_reads_plain_lines() -> None:

@@ -10,6 +10,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterable
+from itertools import chain
 from urllib.parse import unquote, urlsplit
 
 from django_leakguard.records import fit_key, route_key
@@ -44,7 +45,7 @@ FAST_LINE = re.compile(
 # The date in the text FAST_LINE captured (it matches there, as FAST_LINE did).
 FAST_DATE = re.compile(rb"[^ ]* \([^)]*\) \{[0-9]+ vars in [0-9]+ bytes\} \[([^\]]*)\] ")
 # Whitespace other than the space: where these occur, FAST_LINE and REQUEST_LINE may differ.
-_OTHER_WHITESPACE = b"\t\n\x0b\x0c\r"
+_OTHER_WHITESPACE = (b"\t", b"\n", b"\x0b", b"\x0c", b"\r")
 
 
 def parse_log_date(value: bytes) -> float | None:
@@ -57,10 +58,13 @@ def parse_log_date(value: bytes) -> float | None:
 
 def plain(*columns: tuple[bytes, ...]) -> bool:
     """Return whether the fields hold no whitespace but spaces."""
-    text = b"".join(b"".join(column) for column in columns)
-    return len(text.translate(None, _OTHER_WHITESPACE)) == len(text)
+    # One copy, then a memchr() per character: half the time of a translate() that deletes.
+    text = b"".join(chain.from_iterable(columns))
+    return not any(character in text for character in _OTHER_WHITESPACE)
 
 
+_NUMBER = re.compile(rb"[0-9]+")
+_DIGITS = b"0123456789"
 _EDGE_BEFORE = rb"(?<![0-9A-Za-z])"
 _EDGE_AFTER = rb"(?![0-9A-Za-z])"
 # (pattern, placeholder), applied in order to the raw path (bytes, before decoding).
@@ -73,7 +77,7 @@ _PLACEHOLDERS = [
         b"<uuid>",
     ),
     (re.compile(_EDGE_BEFORE + rb"(?=[a-fA-F]*[0-9])[0-9a-fA-F]{8,}" + _EDGE_AFTER), b"<hex>"),
-    (re.compile(rb"[0-9]+"), b"<int>"),
+    (_NUMBER, b"<int>"),
 ]
 # Every digit run becomes a placeholder, so paths that differ only in their digits have the
 # same shape: the caches can key on the path with its digits zeroed.
@@ -83,6 +87,9 @@ ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 def path_shape(path: bytes) -> bytes:
     """Return path with numbers, UUIDs and hex ids replaced by placeholders."""
     for pattern, placeholder in _PLACEHOLDERS:
+        if pattern is _NUMBER and len(path.translate(None, _DIGITS)) == len(path):
+            # No digit left (the ids held them all): deleting them takes a tenth of a search.
+            break
         path = pattern.sub(placeholder, path)
     return path
 
