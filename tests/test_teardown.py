@@ -68,12 +68,17 @@ def per_thread(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"ok")
 
 
+# How long the thread starts_a_thread() starts holds its memory: longer than a busy machine
+# may take from the view's return to the call's end.
+THREAD_HOLDS = 0.2
+
+
 def starts_a_thread(request: HttpRequest) -> HttpResponse:
     # A thread that holds memory a little longer than the view, as the event loop thread of
     # async_to_sync does under WSGI; it frees it as it ends.
     def hold() -> None:
         buffer = bytes(MiB)
-        time.sleep(0.02)
+        time.sleep(THREAD_HOLDS)
         del buffer
 
     threading.Thread(target=hold).start()
@@ -256,7 +261,7 @@ def test_a_call_waits_for_the_threads_it_started_to_end(
     monkeypatch.setattr(recorder_heap, "THREADS_WAIT", wait)
     for _ in range(3):
         serve("/starts-a-thread/", rec)
-        time.sleep(0.05)  # the thread has ended before the next call
+        time.sleep(2 * THREAD_HOLDS)  # the thread has ended before the next call
     totals = rec.totals()[REQUEST, "/starts-a-thread/"]
     assert totals.heap_calls == 3
     if wait:
