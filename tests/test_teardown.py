@@ -310,7 +310,9 @@ def test_a_streaming_response_counts_what_producing_it_kept(rec: Recorder) -> No
     _kept_while_streaming.clear()
     serve("/streaming/", rec)
     totals = rec.totals()[REQUEST, "/streaming/"]
-    assert totals.heap_growth >= MiB
+    # 1 MiB kept while streaming (ended before the content was consumed, about 0); a few
+    # hundred bytes freed meanwhile (an earlier test's garbage) may take a little off.
+    assert totals.heap_growth >= 0.9 * MiB
     _kept_while_streaming.clear()
 
 
