@@ -113,7 +113,8 @@ def test_young_cyclic_garbage_is_not_kept(rec: Recorder) -> None:
     gc.collect()
     for _ in range(20):
         call(rec, "/cycles/", cycles)
-    assert abs(rec.totals()[REQUEST, "/cycles/"].blocks_growth) <= 5 * 19
+    # Kept, the cycles would be 200 blocks a reading (3,800); noise is a few blocks a reading.
+    assert abs(rec.totals()[REQUEST, "/cycles/"].blocks_growth) <= 10 * 19
 
 
 def test_a_filling_cache_levels_off_and_a_leak_grows(
