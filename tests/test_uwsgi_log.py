@@ -167,6 +167,25 @@ def test_threads_logging_the_same_counter_are_not_a_respawn() -> None:
     assert summary.groups["/a/"] == Counts(3, 200, 300, 2, 200)
 
 
+def test_a_thread_late_with_a_low_counter_is_not_a_respawn() -> None:
+    # A thread preempted between reading the counter and writing its line, early in a worker's
+    # life: the counter goes back a little, below RESPAWN_WINDOW (issue 16.5, seen in CI).
+    summary = parse(line(1, 5, 1000), line(1, 8, 1100), line(1, 6, 1300), line(1, 9, 1200))
+    assert (summary.respawns, summary.workers) == (0, 1)
+    assert summary.groups["/a/"].calls == 3
+
+
+@pytest.mark.parametrize(
+    ("last", "first"),
+    [(7, 1), (40, 2), (500, 300)],
+    ids=["back-to-1", "far-back-low", "far-back"],
+)
+def test_a_counter_back_to_a_new_workers_is_a_respawn(last: int, first: int) -> None:
+    summary = parse(line(1, last - 1, 1000), line(1, last, 1100), line(1, first, 900))
+    assert (summary.respawns, summary.workers) == (1, 2)
+    assert summary.groups["/a/"].calls == 1
+
+
 def test_counter_far_behind_is_a_respawn() -> None:
     summary = parse(line(1, 500, 9000), line(1, 300, 1000), line(1, 301, 1100))
     assert summary.respawns == 1

@@ -60,9 +60,15 @@ MAX_LINE = 1 << 16
 # A worker handling requests on several threads (or async cores) reads its request counter
 # when it logs a request, so two of its lines often show the same counter, and a line may show
 # one lower than the line before (its thread read the counter just before another's request
-# ended): neither starts a new worker. A counter that goes back to RESPAWN_WINDOW or below, or
-# back by RESPAWN_WINDOW or more, is a new worker that reuses the pid.
+# ended), or, when the thread was preempted between reading the counter and writing its line,
+# a few lower: none of these starts a new worker. A counter that goes back to 1, back by
+# RESPAWN_WINDOW or more, or back by more than THREAD_SLACK to RESPAWN_WINDOW or below, is a new
+# worker that reuses the pid. (The rule looks at two lines only, so that a range of a log
+# parsed alone decides as the whole log would. A thread's line reads 1 after another's only at a
+# worker's first requests; a master that loads the app before forking carries a worker slot's
+# counter over to the worker it respawns there, with lazy-apps the counter restarts at 1.)
 RESPAWN_WINDOW = 64
+THREAD_SLACK = 16
 
 
 @dataclass(slots=True)
@@ -103,11 +109,11 @@ class LogSummary:
 
 def is_respawn(worker: LiveWorker, req: int, app: bytes) -> bool:
     """Return whether a line (request counter req, app) of a live pid starts a new worker."""
-    last_req = worker.req
+    back = worker.req - req
     return (
-        req < last_req
+        back > 0
         and req >= 0
-        and (req <= RESPAWN_WINDOW or last_req - req >= RESPAWN_WINDOW)
+        and (req == 1 or back >= RESPAWN_WINDOW or (back > THREAD_SLACK and req <= RESPAWN_WINDOW))
         and app == worker.app
     )
 
