@@ -489,6 +489,44 @@ def test_a_flush_records_the_calls_ended_later(rec: Recorder) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_exit_flush_records_the_calls_awaiting_their_teardown(rec: Recorder) -> None:
+    # A uWSGI worker told to stop while it closes a response exits from a signal handler: the
+    # call was answered, so the exit flush records it rather than losing it without a word.
+    answered = rec.begin()
+    rec.awaiting_close(answered, "request", "/answered/", "tests.answered")
+    closed = rec.begin()
+    rec.awaiting_close(closed, "request", "/closed/", "tests.closed")
+    rec.end(closed, "request", "/closed/", "tests.closed")
+    assert rec.flush_at_exit(timeout=5) is True
+    rows = {row.key: row for row in Growth.objects.all()}
+    assert (rows["/answered/"].calls, rows["/answered/"].heap_calls) == (1, 0)
+    assert rows["/closed/"].calls == 1  # ended once, not again at exit
+    assert rec.in_flight == 0
+    assert rec._closing == {}
+
+
+def test_the_calls_awaiting_their_teardown_are_bounded(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder, "AWAITING_MAX", 3)
+    calls = [rec.begin() for _ in range(5)]
+    for call in calls:
+        rec.awaiting_close(call, "request", "/kept/")
+    assert len(rec._closing) == 3
+    for call in calls:
+        rec.end(call, "request", "/kept/")
+    assert rec._closing == {}
+
+
+def test_a_suspended_recorder_notes_no_call() -> None:
+    with recorder_process.suspended():
+        recorder = recorder_process.get_recorder()
+        call = recorder.begin()
+        recorder.awaiting_close(call, "request", "/hunted/")
+        assert recorder._closing == {}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_flush_if_due_waits_for_the_interval(rec: Recorder) -> None:
     rec.end(rec.begin(), "request", "/a/")
     rec.flush_if_due()

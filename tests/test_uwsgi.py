@@ -150,13 +150,19 @@ def test_the_printed_snippet_makes_uwsgi_recycle_and_flush(tmp_path: Path) -> No
 
 
 @pytest.mark.servers
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize(
+    ("processes", "busy"),
+    [(1, "view"), (2, "view"), (2, "close")],
+    ids=["1-view", "2-view", "2-close"],
+)
 def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
-    tmp_path: Path, processes: int
+    tmp_path: Path, processes: int, busy: str
 ) -> None:
     # uWSGI skips uwsgi.atexit, and the interpreter's own exit, in a worker that is inside a
     # request when it is told to stop (python_plugin.c, uwsgi_python_atexit: "if busy do not
     # run atexit hooks"); the calls it had served since its last flush were lost without a word.
+    # busy="close": each worker is closing a response its client already has (the call ends at
+    # the response's close()); that call was lost too (once in about 25 runs of a load).
     database = tmp_path / "db.sqlite3"
     env = servers.project_env(database, LEAKGUARD_FLUSH_INTERVAL=3600)  # only the stop writes
     servers.migrate(env)
@@ -168,11 +174,26 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
             from testproject.wsgi import application as django_application
 
 
+            class SlowClose:
+                def __init__(self, response):
+                    self.response = response
+
+                def __iter__(self):
+                    return iter(self.response)
+
+                def close(self):
+                    time.sleep(5)
+                    self.response.close()
+
+
             def application(environ, start_response):
                 if environ["PATH_INFO"] == "/slow/":  # keeps the worker busy: not recorded
                     time.sleep(5)
                     start_response("200 OK", [("Content-Type", "text/plain")])
                     return [b"slow"]
+                if environ["PATH_INFO"].startswith("/slow-close/"):  # answered, then busy
+                    environ["PATH_INFO"] = environ["PATH_INFO"][len("/slow-close") :]
+                    return SlowClose(django_application(environ, start_response))
                 return django_application(environ, start_response)
             """
         )
@@ -184,6 +205,8 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
         port,
         extra=["--processes", str(processes), "--enable-threads", "--disable-logging"],
     )
+    answered = processes if busy == "close" else 0
+    statuses: list[int] = []
     with servers.running(
         "uwsgi",
         command,
@@ -195,13 +218,15 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
         for n in range(1, 30):
             assert servers.get(server.url(f"/products/{n}/"))[0] == 200
         # Every worker busy in a request when the stop comes.
+        path = "/slow/" if busy == "view" else "/slow-close/products/99/"
         slow = [
-            threading.Thread(target=_ignore_errors, args=(server.url("/slow/"),))
+            threading.Thread(target=_get_ignoring_errors, args=(server.url(path), statuses))
             for _ in range(processes)
         ]
         for thread in slow:
             thread.start()
         time.sleep(1.0)
+        assert statuses == [200] * answered  # closing clients have their answers
         started = time.monotonic()
         server.stop()
         exit_seconds = time.monotonic() - started
@@ -212,13 +237,13 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
     lost = sum(
         int(n.replace(",", "")) for n in re.findall(r"([\d,]+) calls? of [\d,]+ keys? lost", log)
     )
-    assert stored + lost >= 30, log
-    assert stored == 30, log
+    assert stored + lost >= 30 + answered, log
+    assert stored == 30 + answered, log
     assert "Traceback" not in log, log
     assert "signal 11" not in log, log  # the C exit handler runs Python safely
     assert exit_seconds < 10, log
 
 
-def _ignore_errors(url: str) -> None:
+def _get_ignoring_errors(url: str, statuses: list[int]) -> None:
     with contextlib.suppress(Exception):  # the worker is stopped during the request
-        servers.get(url, timeout=10)
+        statuses.append(servers.get(url, timeout=10)[0])

@@ -309,4 +309,6 @@ def _end_at_close(
         response.close = _EndAtClose(recorder, call, response.close, key, view, context, loop)  # type: ignore[method-assign]
     except Exception:  # a response object that does not take attributes: end the call now
         recorder.end(call, REQUEST, key, view)
+    else:
+        recorder.awaiting_close(call, REQUEST, key, view)
     return response

@@ -58,6 +58,9 @@ LATE_AFTER = 50
 # reuses it (see the module docstring); after a longer pause it reads memory afresh, so that
 # what background threads do while the process is idle is not charged to the next call.
 REUSE_WINDOW = 0.002
+# Calls answered and awaiting their teardown that are noted for the exit flush (see
+# awaiting_close): more are in flight only if responses are kept unclosed (a leak of its own).
+AWAITING_MAX = 10_000
 
 
 class Recorder(Flushing, HeapTiming):
@@ -83,6 +86,7 @@ class Recorder(Flushing, HeapTiming):
         self._flusher = Flusher(self)
         # Calls that ended without the recorder's lock (see end_later).
         self._late: deque[tuple[Call, str, str, str]] = deque()
+        self._closing: dict[int, tuple[Call, str, str, str]] = {}
         # Incremented when a flush starts and when it ends: odd while one runs.
         self._flushes = 0
         traced: Call | None = getattr(self, "_traced", None)
@@ -346,6 +350,16 @@ class Recorder(Flushing, HeapTiming):
             self._traced = None
         return result
 
+    def awaiting_close(self, call: Call, kind: str, key: str, view: str = "") -> None:
+        """Note that call was answered and ends at its teardown (the response's close()).
+
+        If the process exits first, the exit flush records it (as a late call) rather than
+        losing it: its client had the answer. At most AWAITING_MAX calls are noted.
+        """
+        closing = self._closing
+        if len(closing) < AWAITING_MAX:
+            closing[id(call)] = (call, kind, key, view)
+
     def end_later(self, call: Call, kind: str, key: str, view: str = "") -> None:
         """End call at the next call's end or flush: for finalisers, which must not lock."""
         self._late.append((call, kind, key, view))
@@ -380,6 +394,8 @@ class Recorder(Flushing, HeapTiming):
         self, call: Call, kind: str, key: str, view: str, held: tuple[object, ...] = ()
     ) -> None:
         try:
+            if self._closing:
+                self._closing.pop(id(call), None)
             trace = call.trace
             # Before the memory probes: the snapshot's own allocations are freed by then.
             result = None if trace is None else self._end_trace(call, trace, key, held)

@@ -64,6 +64,8 @@ class Flushing(PendingAggregates):
     _writing: dict[int, Batch]
     _reported: set[int]  # tokens of the writes already counted as lost
     _late: deque[tuple[Call, str, str, str]]  # calls ended without the lock (end_later)
+    # Calls answered and awaiting their teardown, by id (see Recorder.awaiting_close).
+    _closing: dict[int, tuple[Call, str, str, str]]
 
     def _end_late(self) -> None:  # pragma: no cover - the Recorder's
         raise NotImplementedError
@@ -119,6 +121,14 @@ class Flushing(PendingAggregates):
         """
         self._flusher.stop()
         deadline = time.monotonic() + timeout
+        # A call answered but not yet torn down (a uWSGI worker told to stop while it closes a
+        # response exits from a signal handler): the client has its answer, so it is recorded,
+        # as a late call (its memory is read now, its heap reading does not count).
+        closing = self._closing
+        for ident in list(closing):
+            entry = closing.pop(ident, None)
+            if entry is not None:
+                self._late.append(entry)
 
         def last_flush() -> bool:
             try:

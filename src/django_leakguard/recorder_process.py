@@ -68,6 +68,9 @@ class _SuspendedRecorder(Recorder):
     ) -> None:
         return None
 
+    def awaiting_close(self, call: Call, kind: str, key: str, view: str = "") -> None:
+        return None
+
     def end_later(self, call: Call, kind: str, key: str, view: str = "") -> None:
         return None
 
