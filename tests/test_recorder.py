@@ -505,6 +505,32 @@ def test_the_exit_flush_records_the_calls_awaiting_their_teardown(rec: Recorder)
     assert rec._closing == {}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_an_end_cut_off_by_the_exit_is_recorded_by_the_exit_flush(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uWSGI exits from a signal handler, which may interrupt the main thread inside end():
+    # simulated by running the exit flush from the end's RSS reading. The call is recorded once.
+    call = rec.begin()
+    rec.awaiting_close(call, "request", "/cut/", "tests.cut")
+    real_rss = memory.rss
+    exits: list[bool] = []
+
+    def rss_interrupted_by_exit() -> int:
+        if not exits:
+            exits.append(False)
+            exits[0] = rec.flush_at_exit(timeout=5)
+        return real_rss()
+
+    monkeypatch.setattr(memory, "rss", rss_interrupted_by_exit)
+    rec.end(call, "request", "/cut/", "tests.cut")  # resumed after the exit flush: ignored
+    assert exits == [True]
+    assert Growth.objects.get(key="/cut/").calls == 1
+    assert rec.flush() is True
+    assert Growth.objects.get(key="/cut/").calls == 1
+    assert rec.in_flight == 0
+
+
 def test_the_calls_awaiting_their_teardown_are_bounded(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -394,14 +394,11 @@ class Recorder(Flushing, HeapTiming):
         self, call: Call, kind: str, key: str, view: str, held: tuple[object, ...] = ()
     ) -> None:
         try:
-            if self._closing:
-                self._closing.pop(id(call), None)
             trace = call.trace
             # Before the memory probes: the snapshot's own allocations are freed by then.
             result = None if trace is None else self._end_trace(call, trace, key, held)
             if call.generation != self._generation:
-                return  # begun before a fork or a discard(), or begin() failed
-            call.generation = -1  # a second end() of the same call is ignored
+                return  # begun before a fork or a discard(), or begin() failed, or ended
             if call.heap_share is not None and call.threads >= 0:
                 self._wait_for_threads(call.threads)
             rss = memory.rss()
@@ -410,6 +407,11 @@ class Recorder(Flushing, HeapTiming):
             if len(key) > KEY_MAX_LENGTH:
                 key = fit_key(key)  # looked up as it is stored (see records.fit_key)
             with self._lock:
+                if call.generation != self._generation:
+                    return  # ended meanwhile (the exit flush ends a call cut off by the exit)
+                call.generation = -1  # a second end() of the same call is ignored
+                if self._closing:
+                    self._closing.pop(id(call), None)
                 n = self._in_flight
                 # No other call began or ended since its heap reading, and none is in flight.
                 alone = n == 1 and call.alone_since == self._call_events
