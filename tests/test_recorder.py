@@ -704,7 +704,8 @@ def test_a_flush_at_exit_never_hangs_on_a_held_lock(
     assert any("stayed busy for 0.2 s" in r.getMessage() for r in caplog.records)
     assert not Growth.objects.exists()
     if held == "_lock":
-        # Nothing could be taken, nor counted: the next flush writes it.
+        # Nothing could be taken; counted without the lock, and left: the next flush writes it.
+        assert "at exit: 1 call of 1 key lost." in caplog.text
         assert rec.flush() is True
         assert Growth.objects.get(key="/cut/").calls == 1
     else:
@@ -713,6 +714,24 @@ def test_a_flush_at_exit_never_hangs_on_a_held_lock(
         caplog.clear()
         assert recorder_process.flush_at_exit() is True
         assert "lost" not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_exit_that_cannot_write_safely_logs_the_loss_once(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec.end(rec.begin(), "request", "/a/")
+    rec.end(rec.begin(), "request", "/b/")
+    with caplog.at_level(logging.WARNING, logger="django_leakguard"):
+        recorder_process.abandon_at_exit("the worker was stopped during a garbage collection")
+        recorder_process.abandon_at_exit("again")
+        assert recorder_process.flush_at_exit() is False  # the later exit hooks write nothing
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "LeakGuard could not write memory measurements to the database 'default' at exit (the "
+        "worker was stopped during a garbage collection): 2 calls of 2 keys lost."
+    )
+    assert not Growth.objects.exists()
 
 
 # Sampled allocation tracing (issue 8) -----------------------------------------------------

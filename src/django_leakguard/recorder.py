@@ -151,6 +151,7 @@ class Recorder(Flushing, HeapTiming):
         self._write_tokens = itertools.count()
         self._writing: dict[int, Batch] = {}
         self._reported: set[int] = set()
+        self._abandoned = False
 
     # The request path -------------------------------------------------------------------
 

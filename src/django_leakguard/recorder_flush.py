@@ -63,6 +63,7 @@ class Flushing(PendingAggregates):
     _write_tokens: itertools.count[int]  # batches being written, by a token of their own
     _writing: dict[int, Batch]
     _reported: set[int]  # tokens of the writes already counted as lost
+    _abandoned: bool  # what is pending was logged as lost by abandon_at_exit()
     _late: deque[tuple[Call, str, str, str]]  # calls ended without the lock (end_later)
     # Calls answered and awaiting their teardown, by id (see Recorder.awaiting_close).
     _closing: dict[int, tuple[Call, str, str, str]]
@@ -119,6 +120,8 @@ class Flushing(PendingAggregates):
         not stored when this returns (pending, or in a write that failed or has not finished)
         is logged once as lost, with its counts; a second call does not count it again.
         """
+        if self._abandoned:
+            return False
         self._flusher.stop()
         deadline = time.monotonic() + timeout
         # A call answered but not yet torn down (a uWSGI worker told to stop while it closes a
@@ -170,11 +173,36 @@ class Flushing(PendingAggregates):
         """Take what is pending and the writes not finished, once: they are lost."""
         lost = [batch.pending for batch in self._unreported_writes()]
         self._reported.update(self._writing)
-        with contextlib.suppress(TimeoutError):  # a lock held for good: already said
+        try:
             batch = self._take(EXIT_LOCK_TIMEOUT / 10)
+        except TimeoutError:
+            # A lock held for good (a call cut off by the exit while it held it): count what
+            # is pending without it, and leave it (a flush that gets the lock writes it).
+            lost.append(self._pending)
+        else:
             if batch is not None:
                 lost.append(batch.pending)
         return lost
+
+    def abandon_at_exit(self, why: str) -> None:
+        """Log what is pending as lost, once, writing and freeing nothing (the exit cut off
+        something that makes any more work unsafe: see uwsgi._flush_at_c_exit)."""
+        if self._abandoned:
+            return
+        self._abandoned = True
+        pendings = [batch.pending for batch in self._unreported_writes()]
+        pendings.append(self._pending)
+        try:
+            lost = describe_pending(*pendings)
+        except RuntimeError:  # a dict that changed size while it was counted
+            lost = "an unknown number of calls"
+        logger.warning(
+            "LeakGuard could not write memory measurements to the database %s at exit (%s): "
+            "%s lost.",
+            _database_name(),
+            why,
+            lost,
+        )
 
     def _busy_at_flush(self, timeout: float | None) -> None:
         logger.warning(

@@ -57,6 +57,14 @@ def flush_at_exit(timeout: float = EXIT_TIMEOUT) -> bool:
     return recorder.flush_at_exit(timeout)
 
 
+def abandon_at_exit(why: str) -> None:
+    """Log what this process has not written as lost, writing nothing (see
+    Recorder.abandon_at_exit)."""
+    recorder = _recorder
+    if recorder is not None:
+        recorder.abandon_at_exit(why)
+
+
 class _SuspendedRecorder(Recorder):
     """Records nothing: what get_recorder() returns inside suspended()."""
 
@@ -76,6 +84,9 @@ class _SuspendedRecorder(Recorder):
 
     def flush_at_exit(self, timeout: float = EXIT_TIMEOUT) -> bool:
         return True
+
+    def abandon_at_exit(self, why: str) -> None:
+        return None
 
     def flush_due(self) -> bool:
         return False

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 
@@ -58,7 +60,29 @@ def flush_at_exit() -> None:
 def _flush_at_c_exit(_argument: object = None) -> None:
     # Called from C: an exception must not escape (ctypes would print it and carry on).
     with contextlib.suppress(BaseException):
+        if _cut_off_a_collection():
+            from django_leakguard import recorder_process
+
+            recorder_process.abandon_at_exit("the worker was stopped during a garbage collection")
+            return
         flush_at_exit()
+
+
+def _cut_off_a_collection() -> bool:
+    """Return whether exit() was called while this thread was in Python's garbage collector.
+
+    uWSGI's handlers of the stop signals call exit() in the thread they reach, on top of whatever
+    it was doing. Inside a collection, the collector's lists are half-rewritten: a flush there,
+    which frees objects or lets another thread run, crashed the worker (about one stop in four
+    of a worker busy collecting). Only a thread that was running Python (a frame below the C
+    exit handler's) can have been collecting; then a collection of the youngest generation,
+    which Python refuses during another, tells.
+    """
+    if sys._getframe(1).f_back is None:
+        return False  # exit() from uWSGI's own loop, outside Python
+    before: int = gc.get_stats()[0]["collections"]
+    gc.collect(0)
+    return bool(gc.get_stats()[0]["collections"] == before)
 
 
 def register_c_atexit() -> bool:
