@@ -717,6 +717,41 @@ def test_a_flush_at_exit_never_hangs_on_a_held_lock(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("held", ["_lock", "_flush_lock"])
+def test_an_exit_on_top_of_the_recorder_writes_past_the_locks_it_held(
+    rec: Recorder, held: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uWSGI's C handler calls exit() on top of the thread's code: cut off inside the recorder
+    # with a lock held, that code never resumes. The exit flush writes anyway, at once.
+    rec.end(rec.begin(), "request", "/cut/")
+    getattr(rec, held).acquire()  # by the cut-off code, for good
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="django_leakguard"):
+        assert recorder_process.flush_at_exit(cut_off_inside=True) is True
+    assert time.monotonic() - started < recorder_flush.EXIT_LOCK_TIMEOUT
+    assert Growth.objects.get(key="/cut/").calls == 1
+    assert "lost" not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_locks_held_by_live_code_are_not_replaced(rec: Recorder) -> None:
+    lock = rec._lock
+    held = threading.Event()
+
+    def hold_briefly() -> None:
+        with lock:
+            held.set()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=hold_briefly)
+    thread.start()
+    held.wait(5)
+    rec.release_cut_off_locks()
+    thread.join()
+    assert rec._lock is lock
+
+
+@pytest.mark.django_db(transaction=True)
 def test_an_exit_that_cannot_write_safely_logs_the_loss_once(
     rec: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:

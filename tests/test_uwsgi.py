@@ -81,7 +81,9 @@ def test_the_c_exit_flush_writes_nothing_inside_a_collection(
     from django_leakguard import recorder_process
 
     done: list[str] = []
-    monkeypatch.setattr(recorder_process, "flush_at_exit", lambda: done.append("flush") or True)
+    monkeypatch.setattr(
+        recorder_process, "flush_at_exit", lambda **kwargs: done.append("flush") or True
+    )
     monkeypatch.setattr(recorder_process, "abandon_at_exit", done.append)
 
     def exit_during_a_collection(phase: str, info: dict[str, int]) -> None:
@@ -97,6 +99,28 @@ def test_the_c_exit_flush_writes_nothing_inside_a_collection(
     done.clear()
     leakguard_uwsgi._flush_at_c_exit()  # on top of Python code, outside a collection
     assert done == ["flush"]
+
+
+@pytest.mark.parametrize(
+    ("module", "inside"), [("django_leakguard.recorder", True), ("myproject.views", False)]
+)
+def test_the_c_exit_flush_knows_when_it_cut_off_the_recorder(
+    monkeypatch: pytest.MonkeyPatch, module: str, inside: bool
+) -> None:
+    from django_leakguard import recorder_process
+
+    flushes: list[bool] = []
+
+    def flush_at_exit(*, cut_off_inside: bool = False) -> bool:
+        flushes.append(cut_off_inside)
+        return True
+
+    monkeypatch.setattr(recorder_process, "flush_at_exit", flush_at_exit)
+    # A function of that module, running when exit() is called (the C handler's frame on top).
+    namespace = {"__name__": module, "hook": leakguard_uwsgi._flush_at_c_exit}
+    exec("def running():\n    hook()\n", namespace)  # a frame of that module
+    namespace["running"]()
+    assert flushes == [inside]
 
 
 @pytest.mark.servers

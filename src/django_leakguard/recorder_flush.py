@@ -25,6 +25,9 @@ PRUNE_EVERY = 24 * 3600.0
 # off while it held one (uWSGI ends a worker from a C signal handler, which can interrupt the
 # main thread anywhere) would otherwise hang the worker's exit for good.
 EXIT_LOCK_TIMEOUT = 5.0
+# How long a lock may stay taken, at an exit that cut this thread off inside the recorder,
+# before it is taken for the cut-off code's (see Flushing.release_cut_off_locks).
+CUT_OFF_WAIT = 0.2
 # Recording errors are logged at most once per this many seconds.
 ERROR_LOG_INTERVAL = 60.0
 
@@ -183,6 +186,22 @@ class Flushing(PendingAggregates):
             if batch is not None:
                 lost.append(batch.pending)
         return lost
+
+    def release_cut_off_locks(self) -> None:
+        """Replace the locks that a call or flush cut off by the exit holds for good.
+
+        For an exit on top of this thread's own recorder code (uWSGI's C handler calls exit()
+        wherever the thread is, see uwsgi._flush_at_c_exit): a lock that stays taken for
+        CUT_OFF_WAIT seconds is the cut-off code's, which never resumes, so the exit flush
+        writes with a new one rather than lose what is pending. At most the cut-off call is
+        half added.
+        """
+        for name in ("_lock", "_flush_lock"):
+            lock: threads.Lock = getattr(self, name)
+            if lock.acquire(timeout=CUT_OFF_WAIT):
+                lock.release()
+            else:
+                setattr(self, name, threads.allocate_lock())
 
     def abandon_at_exit(self, why: str) -> None:
         """Log what is pending as lost, once, writing and freeing nothing (the exit cut off

@@ -44,16 +44,19 @@ def _create() -> Recorder:
         return _recorder
 
 
-def flush_at_exit(timeout: float = EXIT_TIMEOUT) -> bool:
+def flush_at_exit(timeout: float = EXIT_TIMEOUT, *, cut_off_inside: bool = False) -> bool:
     """Flush as the process exits, so that a recycled worker loses nothing.
 
     Registered with atexit, and called by the Gunicorn, uWSGI and Celery exit hooks. The whole
     flush, database included, takes at most timeout seconds: it never hangs an exit. What could
-    not be written is logged once, with its counts.
+    not be written is logged once, with its counts. cut_off_inside: the exit runs on top of this
+    thread's own recorder code, which never resumes (see Recorder.release_cut_off_locks).
     """
     recorder = _recorder
     if recorder is None:
         return True
+    if cut_off_inside:
+        recorder.release_cut_off_locks()
     return recorder.flush_at_exit(timeout)
 
 
@@ -86,6 +89,9 @@ class _SuspendedRecorder(Recorder):
         return True
 
     def abandon_at_exit(self, why: str) -> None:
+        return None
+
+    def release_cut_off_locks(self) -> None:
         return None
 
     def flush_due(self) -> bool:

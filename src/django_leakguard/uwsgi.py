@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from types import ModuleType
+from types import FrameType, ModuleType
 
 __all__ = ["install", "running_under_uwsgi"]
 
@@ -50,11 +50,11 @@ def running_under_uwsgi() -> bool:
     return _uwsgi_module() is not None
 
 
-def flush_at_exit() -> None:
+def flush_at_exit(*, cut_off_inside: bool = False) -> None:
     """Write this worker's pending measurements (uWSGI calls it as the worker exits)."""
     from django_leakguard import recorder_process
 
-    recorder_process.flush_at_exit()
+    recorder_process.flush_at_exit(cut_off_inside=cut_off_inside)
 
 
 def _flush_at_c_exit(_argument: object = None) -> None:
@@ -65,7 +65,7 @@ def _flush_at_c_exit(_argument: object = None) -> None:
 
             recorder_process.abandon_at_exit("the worker was stopped during a garbage collection")
             return
-        flush_at_exit()
+        flush_at_exit(cut_off_inside=_cut_off_inside_the_recorder())
 
 
 def _cut_off_a_collection() -> bool:
@@ -83,6 +83,18 @@ def _cut_off_a_collection() -> bool:
     before: int = gc.get_stats()[0]["collections"]
     gc.collect(0)
     return bool(gc.get_stats()[0]["collections"] == before)
+
+
+def _cut_off_inside_the_recorder() -> bool:
+    """Return whether exit() was called while this thread ran the recorder's code (which may
+    hold its locks, for good: the flush at exit then replaces them)."""
+    # The code exit() cut off, if any, is below the frame of its handler (the caller).
+    frame: FrameType | None = sys._getframe(1).f_back
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("django_leakguard.recorder"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def register_c_atexit() -> bool:
