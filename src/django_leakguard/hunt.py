@@ -43,6 +43,10 @@ PLACEHOLDER = "{n}"
 C_THRESHOLD = 64
 # Bytes per request a line whose block count did not grow must keep to be named.
 MIN_GROWTH = 64
+# Requests per block kept, at most, for a line to be named on its blocks alone: a leak keeps
+# something every few requests; a few blocks over a hundred requests are objects that other
+# code (an earlier test, a cache of the framework) happened to hold at the snapshot.
+MAX_REQUESTS_PER_BLOCK = 10
 # Progress lines on stderr: one per this share of the requests, none in the first seconds.
 PROGRESS_STEPS = 10
 PROGRESS_AFTER = 2.0
@@ -342,7 +346,10 @@ def hunt(
         kept_blocks = site.count - (before.count if before else 0)
         # A bounded cache replacing entries keeps as many blocks as before, give or take a few
         # bytes (a longer key): a leak keeps more blocks, or a sizeable amount more.
-        sizeable = kept_blocks > 0 or site.size - size_base >= MIN_GROWTH * requests
+        sizeable = (
+            kept_blocks * MAX_REQUESTS_PER_BLOCK >= requests
+            or site.size - size_base >= MIN_GROWTH * requests
+        )
         if _grows(first, second) and sizeable:
             grown = Site(
                 site.filename,
