@@ -266,6 +266,24 @@ def test_a_few_blocks_kept_over_many_requests_are_not_a_leak(
     ], hunt.render(before)
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "grows"),
+    [
+        (700, 700, True),  # a leak: the same pace in both halves
+        (700, 200, True),
+        (200, 700, True),
+        (700, 0, False),  # grew once
+        (900, 100, False),  # a bounded cache filling up
+        # Only lately: twelve responses held elsewhere at the last snapshot (CI, py310).
+        (50, 1353, False),
+    ],
+)
+def test_a_line_grows_when_both_halves_grow_at_a_similar_pace(
+    first: int, second: int, grows: bool
+) -> None:
+    assert hunt._grows(first, second) is grows
+
+
 @pytest.mark.urls(__name__)
 @override_settings(
     SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",

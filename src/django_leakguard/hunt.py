@@ -380,9 +380,10 @@ def hunt(
 
 
 def _grows(first: int, second: int) -> bool:
-    # A leak grows in both halves, at a similar pace; what grew once (a pool opened) or less
-    # and less (a bounded cache filling up) is not.
-    return first > 0 and second > 0 and second * 4 >= first
+    # A leak grows in both halves, at a similar pace; what grew once (a pool opened), less
+    # and less (a bounded cache filling up) or only lately (responses that other code held
+    # at the last snapshot) is not.
+    return first > 0 and second > 0 and second * 4 >= first and first * 4 >= second
 
 
 def _c_lines(
