@@ -133,6 +133,46 @@ def test_garbage_cycles_are_not_retained() -> None:
     assert result.retained < 10_000
 
 
+class _JoinRecorder(threading.Thread):
+    """A thread named as executors name theirs, whose joins are recorded."""
+
+    joined: list[str] = []
+    release = threading.Event()  # set by the first join: the thread ends once waited for
+
+    def join(self, timeout: float | None = None) -> None:
+        self.joined.append(self.name)
+        self.release.set()
+        super().join(timeout)
+
+
+def test_the_end_waits_for_threads_the_call_started_not_the_applications() -> None:
+    stop_app = threading.Event()
+    # An executor thread of the application's, busy for the whole call: its end is not waited
+    # for (it used to cost every traced call THREAD_WAIT).
+    app = _JoinRecorder(target=stop_app.wait, name="ThreadPoolExecutor-90_0")
+    app.start()
+    _JoinRecorder.joined = []
+    try:
+        trace = tracing.start_trace()
+        assert trace is not None
+        # One the call started (asgiref's, for an async view), winding down at the call's end.
+        _JoinRecorder.release = threading.Event()
+        started = _JoinRecorder(target=_JoinRecorder.release.wait, name="ThreadPoolExecutor-91_0")
+        started.start()
+        assert trace.stop(top_n=3) is not None
+        assert _JoinRecorder.joined == ["ThreadPoolExecutor-91_0"]
+        assert not started.is_alive()
+        # A call that started no thread enumerates none.
+        _JoinRecorder.joined = []
+        trace = tracing.start_trace()
+        assert trace is not None
+        assert trace.stop(top_n=3) is not None
+        assert _JoinRecorder.joined == []
+    finally:
+        stop_app.set()
+        app.join()
+
+
 def test_top_n_bounds_the_sites_but_not_the_total() -> None:
     trace = tracing.start_trace()
     assert trace is not None
@@ -358,6 +398,20 @@ def test_short_filename_uses_the_longest_sys_path_entry(monkeypatch: pytest.Monk
     assert tracing_sites.short_filename("/srv/project/shop/views.py") == "shop/views.py"
     assert tracing_sites.short_filename("/srv/lib.py") == "lib.py"
     assert tracing_sites.short_filename("/elsewhere/x.py") == "/elsewhere/x.py"
+
+
+def test_site_names_are_memoised_but_follow_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = (("/srv/project/shop/views.py", 3), ("/srv/lib.py", 9))
+    monkeypatch.setattr("sys.path", ["/srv"])
+    assert tracing_sites.site_names(frames[0][0], frames) == (
+        "project/shop/views.py",
+        ("project/shop/views.py:3", "lib.py:9"),
+    )
+    monkeypatch.setattr("sys.path", ["/srv", "/srv/project"])
+    assert tracing_sites.site_names(frames[0][0], frames) == (
+        "shop/views.py",
+        ("shop/views.py:3", "lib.py:9"),
+    )
 
 
 def test_source_line() -> None:

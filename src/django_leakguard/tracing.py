@@ -48,6 +48,12 @@ _active: Trace | None = None
 class Trace:
     """tracemalloc running for one call; end it with stop() or discard()."""
 
+    def __init__(self) -> None:
+        # Threads alive when the call began (made before tracing starts): its end waits only
+        # for others (see _let_threads_finish), and allocates nothing while tracing for them
+        # when there are none.
+        self._threads = frozenset(threading.enumerate())
+
     def stop(
         self,
         top_n: int,
@@ -87,7 +93,8 @@ class Trace:
                 # Garbage cycles made by the call (a response and its request, say) are not
                 # retained; the young generations hold them and are cheap to collect.
                 gc.collect(1)
-                _let_threads_finish()
+                if threading.active_count() > len(self._threads):
+                    _let_threads_finish(self._threads)
                 # Objects the call freed into CPython's free lists are still traced.
                 clear_free_lists()
                 # CPython's type attribute cache keeps the names it looked up last (a getattr
@@ -125,19 +132,20 @@ def start_trace(frames: int = TRACE_FRAMES) -> Trace | None:
 THREAD_WAIT = 0.005
 
 
-def _let_threads_finish() -> None:
+def _let_threads_finish(before: frozenset[threading.Thread]) -> None:
     """Give threads the call started, and that are ending, a moment to end.
 
     An async view served by a WSGI server runs in an event loop that asgiref's async_to_sync
     starts in a thread of its own for the call; the thread is still winding down when the
     response is closed, and what it holds (a few KiB) is not the call's. Threads of the
     executor the call left behind (collected just before) end within microseconds; any other
-    thread is waited for at most THREAD_WAIT in all.
+    thread is waited for at most THREAD_WAIT in all. Threads in before, alive when the call
+    began (an executor of the application's), are not the call's and are not waited for.
     """
     current = threading.current_thread()
     deadline = time.monotonic() + THREAD_WAIT
     for thread in threading.enumerate():
-        if thread is current or thread.daemon or thread is threading.main_thread():
+        if thread is current or thread.daemon or thread in before:
             continue
         if not thread.name.startswith("ThreadPoolExecutor-"):
             continue  # a thread of the application's, not one asgiref made for the call

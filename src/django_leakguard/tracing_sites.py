@@ -40,8 +40,10 @@ _BOUNDARY_FILES = frozenset(_OWN_DIR + name for name in ("middleware.py", "repla
 _TRACEMALLOC_FILE = tracemalloc.__file__
 
 
+@functools.lru_cache(maxsize=1024)
 def is_user_file(filename: str) -> bool:
     """Return whether filename is the application's code: not Python's, a library's, or ours."""
+    # Memoised (bounded): called for frames of every traceback at every traced call.
     if filename.startswith(("<", _OWN_DIR)):
         return False
     return not filename.startswith(_LIBRARY_DIRS)
@@ -52,6 +54,17 @@ def short_filename(filename: str) -> str:
     # Called for every frame of every site at every traced call: memoised (bounded), keyed
     # by sys.path and the working directory ("" in sys.path) so that changing them is seen.
     return _short_filename(filename, tuple(sys.path), os.getcwd())
+
+
+def site_names(filename: str, frames: Frames) -> tuple[str, tuple[str, ...]]:
+    """Return short_filename(filename) and "file:line" of each of frames, so named."""
+    path, cwd = tuple(sys.path), os.getcwd()  # read once for all
+    return _short_filename(filename, path, cwd), _frame_names(frames, path, cwd)
+
+
+@functools.lru_cache(maxsize=1024)
+def _frame_names(frames: Frames, path: tuple[str, ...], cwd: str) -> tuple[str, ...]:
+    return tuple(f"{_short_filename(filename, path, cwd)}:{lineno}" for filename, lineno in frames)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -98,8 +111,10 @@ Cell = tuple[Place, Place]  # (the site blamed, where the allocation was made)
 Frames = tuple[tuple[str, int], ...]  # (filename, line) of each frame, innermost first
 
 
+@functools.lru_cache(maxsize=1024)
 def frames_cell(frames: Frames) -> Cell | None:
     """site_frame() on raw frames (innermost first): (the site, where it was allocated)."""
+    # Memoised (bounded): a call's tracebacks are mostly those of the calls before it.
     inner = frames[0]
     if inner[0].startswith(_OWN_DIR):
         return None

@@ -18,7 +18,7 @@ from django_leakguard.tracing_sites import (
     Frames,
     Place,
     frames_cell,
-    short_filename,
+    site_names,
     source_line,
 )
 
@@ -91,15 +91,8 @@ def site_statistics(
     ranked = sorted(sizes.items(), key=lambda item: (-item[1][0], item[0]))
     if top_n is not None:
         ranked = ranked[: max(top_n, 0)]
-    sites = tuple(
-        Site(
-            short_filename(filename),
-            lineno,
-            source_line(filename, lineno),
-            size,
-            count,
-            tuple(f"{short_filename(f)}:{n}" for f, n in largest[(filename, lineno)][1]),
-        )
-        for (filename, lineno), (size, count) in ranked
-    )
-    return total_size, total_count, sites
+    sites = []
+    for (filename, lineno), (size, count) in ranked:
+        short, names = site_names(filename, largest[(filename, lineno)][1])
+        sites.append(Site(short, lineno, source_line(filename, lineno), size, count, names))
+    return total_size, total_count, tuple(sites)
