@@ -99,6 +99,9 @@ def test_the_c_exit_flush_writes_nothing_inside_a_collection(
     done.clear()
     leakguard_uwsgi._flush_at_c_exit()  # on top of Python code, outside a collection
     assert done == ["flush"]
+    # Called from uWSGI's own loop (no Python frame below the handler's), it flushes without
+    # trying a collection.
+    assert leakguard_uwsgi._cut_off_a_collection(None) is False
 
 
 @pytest.mark.parametrize(

@@ -149,21 +149,10 @@ class Flushing(PendingAggregates):
         done = run_bounded(last_flush, timeout)
         lost = self._lost_at_exit()
         if done is None:
-            logger.warning(
-                "LeakGuard could not write memory measurements to the database %s within %.0f s "
-                "at exit: %s lost.",
-                _database_name(),
-                timeout,
-                describe_pending(*lost),
-            )
+            _log_lost_at_exit(f"within {timeout:.0f} s at exit", lost)
             return False
         if any(bucket for pending in lost for bucket in pending.values()):
-            logger.warning(
-                "LeakGuard could not write memory measurements to the database %s at exit: "
-                "%s lost.",
-                _database_name(),
-                describe_pending(*lost),
-            )
+            _log_lost_at_exit("at exit", lost)
             return False
         return bool(done)
 
@@ -209,19 +198,10 @@ class Flushing(PendingAggregates):
         if self._abandoned:
             return
         self._abandoned = True
-        pendings = [batch.pending for batch in self._unreported_writes()]
-        pendings.append(self._pending)
-        try:
-            lost = describe_pending(*pendings)
-        except RuntimeError:  # a dict that changed size while it was counted
-            lost = "an unknown number of calls"
-        logger.warning(
-            "LeakGuard could not write memory measurements to the database %s at exit (%s): "
-            "%s lost.",
-            _database_name(),
-            why,
-            lost,
-        )
+        # Counted without the lock: taking it, or waiting for a write, is what is unsafe.
+        lost = [batch.pending for batch in self._unreported_writes()]
+        lost.append(self._pending)
+        _log_lost_at_exit(f"at exit ({why})", lost)
 
     def _busy_at_flush(self, timeout: float | None) -> None:
         logger.warning(
@@ -317,6 +297,19 @@ class Flushing(PendingAggregates):
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (database drivers' span several)."""
     return " ".join(str(exc).split())
+
+
+def _log_lost_at_exit(when: str, lost: list[Pending]) -> None:
+    try:
+        described = describe_pending(*lost)
+    except RuntimeError:  # counted without the lock: a dict that changed size meanwhile
+        described = "an unknown number of calls"
+    logger.warning(
+        "LeakGuard could not write memory measurements to the database %s %s: %s lost.",
+        _database_name(),
+        when,
+        described,
+    )
 
 
 def _database_name() -> str:

@@ -60,36 +60,38 @@ def flush_at_exit(*, cut_off_inside: bool = False) -> None:
 def _flush_at_c_exit(_argument: object = None) -> None:
     # Called from C: an exception must not escape (ctypes would print it and carry on).
     with contextlib.suppress(BaseException):
-        if _cut_off_a_collection():
+        # The Python code exit() cut off in this thread, if any, is below this frame.
+        cut_off = sys._getframe().f_back
+        if _cut_off_a_collection(cut_off):
             from django_leakguard import recorder_process
 
             recorder_process.abandon_at_exit("the worker was stopped during a garbage collection")
             return
-        flush_at_exit(cut_off_inside=_cut_off_inside_the_recorder())
+        flush_at_exit(cut_off_inside=_cut_off_inside_the_recorder(cut_off))
 
 
-def _cut_off_a_collection() -> bool:
+def _cut_off_a_collection(cut_off: FrameType | None) -> bool:
     """Return whether exit() was called while this thread was in Python's garbage collector.
 
     uWSGI's handlers of the stop signals call exit() in the thread they reach, on top of whatever
     it was doing. Inside a collection, the collector's lists are half-rewritten: a flush there,
     which frees objects or lets another thread run, crashed the worker (about one stop in four
-    of a worker busy collecting). Only a thread that was running Python (a frame below the C
-    exit handler's) can have been collecting; then a collection of the youngest generation,
-    which Python refuses during another, tells.
+    of a worker busy collecting). Only a thread that was running Python (cut_off, the frame
+    below the C exit handler's) can have been collecting; then a collection of the youngest
+    generation, which Python refuses during another, tells.
     """
-    if sys._getframe(1).f_back is None:
+    if cut_off is None:
         return False  # exit() from uWSGI's own loop, outside Python
     before: int = gc.get_stats()[0]["collections"]
     gc.collect(0)
     return bool(gc.get_stats()[0]["collections"] == before)
 
 
-def _cut_off_inside_the_recorder() -> bool:
+def _cut_off_inside_the_recorder(cut_off: FrameType | None) -> bool:
     """Return whether exit() was called while this thread ran the recorder's code (which may
-    hold its locks, for good: the flush at exit then replaces them)."""
-    # The code exit() cut off, if any, is below the frame of its handler (the caller).
-    frame: FrameType | None = sys._getframe(1).f_back
+    hold its locks, for good: the flush at exit then replaces them); cut_off is the frame it
+    cut off."""
+    frame = cut_off
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("django_leakguard.recorder"):
             return True
