@@ -5,10 +5,15 @@ One WSGI handler with LeakGuardMiddleware serves a minimal view at TRACE_SAMPLE_
 interleaved in a shuffled order so that drift hits every variant alike. A traced request costs
 far more than an untraced one, so the mean over all requests is what matters, next to the
 median of the rounds; both are reported. Flushing is excluded (FLUSH_INTERVAL is an hour).
+
+    python bench/bench_tracing.py [--view minimal|db]
+
+--view db serves bench_middleware's view that queries the database and renders a template.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import sys
@@ -40,7 +45,11 @@ def time_round(serve: Callable[[], Any], n: int) -> float:
 
 
 def main() -> None:
-    setup()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--view", choices=("minimal", "db"), default="minimal")
+    view = parser.parse_args().view
+    label = "a minimal view" if view == "minimal" else "a query-and-template view"
+    setup(view)
     from django.test import override_settings
 
     from django_leakguard.recorder_process import get_recorder
@@ -79,7 +88,7 @@ def main() -> None:
     view_median = statistics.median(base)
     view_mean = statistics.fmean(base)
     print(
-        f"{ROUNDS} interleaved rounds of {REQUESTS_PER_ROUND} requests to a minimal view; "
+        f"{ROUNDS} interleaved rounds of {REQUESTS_PER_ROUND} requests to {label}; "
         "per request: median and mean of the rounds, and the mean added to no middleware"
     )
     print(f"{'variant':<24} {'median':>10} {'mean':>10} {'added (mean)':>14} {'of the view':>12}")
@@ -95,7 +104,7 @@ def main() -> None:
     )
     print(
         f"tracing at 0.01 adds {tracing_added * 1e6:+.2f} µs per request on average over rate 0: "
-        f"{tracing_added / view_mean:+.1%} of the minimal view's {view_median * 1e6:.1f} µs "
+        f"{tracing_added / view_mean:+.1%} of the view's {view_median * 1e6:.1f} µs "
         f"(median); {traced_calls} of {ROUNDS * REQUESTS_PER_ROUND} requests were traced"
     )
     untraced = statistics.median(samples["TRACE_SAMPLE_RATE=0"])
@@ -105,7 +114,7 @@ def main() -> None:
         f"one traced request (rate 1, {TRACED_REQUESTS} requests): median "
         f"{statistics.median(traced) * 1e6:.0f} µs, mean {statistics.fmean(traced) * 1e6:.0f} µs"
         f"; so the share traced x the extra cost = {fraction * extra * 1e6:+.2f} µs per request, "
-        f"{fraction * extra / view_median:+.1%} of the minimal view"
+        f"{fraction * extra / view_median:+.1%} of the view"
     )
 
 
