@@ -40,16 +40,31 @@ from django_leakguard import recorder_process
 bench.setup()
 serve = bench.handler({middleware!r})
 recorder_process.get_recorder()._has_heap = {heap!r}
+from django.test import override_settings
+traced = override_settings(LEAKGUARD={{"FLUSH_INTERVAL": 3600, "TRACE_SAMPLE_RATE": 1.0}})
 with bench.MemoryReadsStubbed() if {stub!r} else contextlib.nullcontext():
     for _ in range({warm}):
         serve()
-    for _ in range({requests}):
-        serve()
+    with traced if {trace!r} else contextlib.nullcontext():
+        for _ in range({requests}):
+            serve()
+recorder = recorder_process.get_recorder()
+print("traced", sum(a.traced_calls for b in recorder.pending().values() for a in b.values()))
+recorder.discard()
 """
+# Requests traced one after the other (TRACE_SAMPLE_RATE = 1): fewer, each costs far more.
+TRACED_REQUESTS = 200
 
 
 def count(middleware: list[str], requests: int, *, stub: bool, heap: bool) -> int:
     """Return the instructions callgrind counts for the child script."""
+    return count_traced(middleware, requests, stub=stub, heap=heap)[0]
+
+
+def count_traced(
+    middleware: list[str], requests: int, *, stub: bool, heap: bool, trace: bool = False
+) -> tuple[int, int]:
+    """Return the instructions callgrind counts for the child script, and the calls traced."""
     code = CHILD.format(
         here=str(HERE),
         stub=stub,
@@ -57,6 +72,7 @@ def count(middleware: list[str], requests: int, *, stub: bool, heap: bool) -> in
         heap=heap,
         warm=WARM_UP,
         requests=requests,
+        trace=trace,
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
@@ -75,7 +91,9 @@ def count(middleware: list[str], requests: int, *, stub: bool, heap: bool) -> in
         )
     match = re.search(r"Collected : (\d+)", out.stderr)
     assert match, out.stderr[-2000:]
-    return int(match.group(1))
+    traced = re.search(r"^traced (\d+)$", out.stdout, re.MULTILINE)
+    assert traced, out.stdout[-2000:]
+    return int(match.group(1)), int(traced.group(1))
 
 
 def main() -> None:
@@ -102,6 +120,18 @@ def main() -> None:
     print(
         f"{'LeakGuard, heap on':<26} {(heap[1] - heap[0]) / REQUESTS:12,.0f} "
         f"{(heap[1] - heap[0]) / REQUESTS - base:+10,.0f}  (heap read by a sampled share)"
+    )
+    guarded = VARIANTS["LeakGuardMiddleware"]
+    untraced = per_request["LeakGuardMiddleware"]
+    (before, _), (after, traced) = (
+        count_traced(guarded, n, stub=False, heap=False, trace=True) for n in (0, TRACED_REQUESTS)
+    )
+    # Requests the GC budget left untraced (see tracing_gc) cost what an untraced one does.
+    extra = (after - before - TRACED_REQUESTS * untraced) / max(traced, 1)
+    print(
+        f"{'LeakGuard, traced':<26} {untraced + extra:12,.0f} {untraced + extra - base:+10,.0f}"
+        f"  ({traced} of {TRACED_REQUESTS} requests traced; a traced one costs {extra:,.0f} "
+        f"more than an untraced one, {extra / base:.1f} times a request without middleware)"
     )
 
 
