@@ -162,7 +162,7 @@ def test_the_end_waits_for_threads_the_call_started_not_the_applications() -> No
         assert trace.stop(top_n=3) is not None
         assert _JoinRecorder.joined == ["ThreadPoolExecutor-91_0"]
         assert not started.is_alive()
-        # A call that started no thread enumerates none.
+        # A call that started no thread waits for none.
         _JoinRecorder.joined = []
         trace = tracing.start_trace()
         assert trace is not None

@@ -50,8 +50,8 @@ class Trace:
 
     def __init__(self) -> None:
         # Threads alive when the call began (made before tracing starts): its end waits only
-        # for others (see _let_threads_finish), and allocates nothing while tracing for them
-        # when there are none.
+        # for others (see _let_threads_finish), and looks for them only when more threads are
+        # alive than then (a count, which allocates nothing while tracing).
         self._threads = frozenset(threading.enumerate())
 
     def stop(
