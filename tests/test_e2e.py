@@ -209,7 +209,11 @@ def test_uwsgi(tmp_path: Path, database: str) -> None:
         send(server, paths[1:], 2)
         server.wait_for_log(r"\[pid: \d+\|app: ", count=len(paths) + 1)
         log = server.log()
-    expected["/"] += 1  # the readiness probe
+    # The readiness probe's "/": once, or more where a probe timed out on a worker still
+    # starting and was answered all the same (once in CI); the server's log says how many.
+    probes = len(re.findall(r"\] GET / =>", server.log())) - expected["/"]
+    assert probes >= 1
+    expected["/"] += probes
     assert "The work of process" in log  # uWSGI recycled workers (max-requests)
     assert servers.stored_calls(env, "request") == expected
     assert_leak_ranked_first(env, "request")
