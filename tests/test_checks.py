@@ -953,6 +953,42 @@ def test_dockerfile_uwsgi_command(isolated: Path) -> None:
     assert str(isolated / "docker" / "uwsgi.ini") in message.msg
 
 
+def test_dockerfile_commands_name_paths_in_the_image(isolated: Path) -> None:
+    # As in healthchecks' docker/Dockerfile: the project is copied to /opt/app/ in the image.
+    (isolated / "docker").mkdir()
+    (isolated / "docker" / "uwsgi.ini").write_text("[uwsgi]\nprocesses = 4\n")
+    (isolated / "deploy").mkdir()
+    (isolated / "deploy" / "gunicorn.py").write_text("workers = 2\n")
+    dockerfile = isolated / "docker" / "Dockerfile"
+    dockerfile.write_text(
+        "COPY . /opt/app/\n"
+        'CMD ["uwsgi", "/opt/app/docker/uwsgi.ini"]\n'
+        "ENTRYPOINT gunicorn -c /opt/app/deploy/gunicorn.py app.wsgi\n"
+    )
+    with override_settings(BASE_DIR=isolated):
+        messages = {message.id: message for message in run()}
+    assert sorted(messages) == ["leakguard.W001", "leakguard.W003"]
+    assert str(isolated / "deploy" / "gunicorn.py") in messages["leakguard.W001"].msg
+    assert str(isolated / "docker" / "uwsgi.ini") in messages["leakguard.W003"].msg
+    # No copy in the project: said so, with the setting that names the right file.
+    dockerfile.write_text(
+        'CMD ["uwsgi", "--ini", "/srv/elsewhere.ini"]\n'
+        "ENTRYPOINT gunicorn -c /srv/gunicorn_live.py app.wsgi\n"
+    )
+    with override_settings(BASE_DIR=isolated):
+        messages = run()
+    assert [message.id for message in messages] == ["leakguard.W010", "leakguard.W010"]
+    gunicorn, uwsgi = sorted(messages, key=lambda message: message.msg)
+    assert gunicorn.msg == (
+        "The Gunicorn config /srv/gunicorn_live.py cannot be read: the gunicorn command in "
+        f"{dockerfile} (ENTRYPOINT) names it in the image, and no copy of it was found in the "
+        "project."
+    )
+    assert gunicorn.hint == "Name the project's copy of it in LEAKGUARD['GUNICORN_CONFIG']."
+    assert uwsgi.msg.startswith("The uWSGI config /srv/elsewhere.ini cannot be read: ")
+    assert uwsgi.hint == "Name the project's copy of it in LEAKGUARD['UWSGI_INI']."
+
+
 def test_uwsgi_command_without_an_ini_file(isolated: Path) -> None:
     (isolated / "Procfile").write_text(
         "web: uwsgi --module=site.wsgi stray -M -p 4 --http :8000 -R 100 --vacuum --spooler /s\n"

@@ -92,6 +92,36 @@ def test_dockerfile_commands(cwd: Path) -> None:
     assert (uwsgi.args, uwsgi.source[-12:]) == (("--ini", "uwsgi.ini"), "(ENTRYPOINT)")
 
 
+def test_a_dockerfile_commands_paths_are_the_images(tmp_path: Path, cwd: Path) -> None:
+    # healthchecks: docker/Dockerfile copies the repository to /opt/healthchecks/ and runs
+    # `uwsgi /opt/healthchecks/docker/uwsgi.ini`; the file is docker/uwsgi.ini here.
+    repo = tmp_path / "repo"
+    (repo / "docker").mkdir(parents=True)
+    (repo / "docker" / "uwsgi.ini").write_text("[uwsgi]\n")
+    (repo / "uwsgi.ini").write_text("[uwsgi]\n")  # a shorter tail must not win
+    (repo / "docker" / "Dockerfile").write_text(
+        "COPY . /opt/healthchecks/\nWORKDIR /opt/healthchecks\n"
+        'CMD ["uwsgi", "/opt/healthchecks/docker/uwsgi.ini"]\n'
+    )
+    [command] = discovery.find_commands(repo / "app", "uwsgi")
+    assert command.in_image
+    assert command.image_roots == (repo / "docker", repo, repo / "app")
+    assert command.locate("/opt/healthchecks/docker/uwsgi.ini") == repo / "docker" / "uwsgi.ini"
+    # Relative to WORKDIR in the image, which is not the Dockerfile's directory here.
+    assert command.locate("docker/uwsgi.ini") == repo / "docker" / "uwsgi.ini"
+    assert command.locate("uwsgi.ini") == repo / "docker" / "uwsgi.ini"  # its own directory first
+    # Nothing of the project: the path as named; a path that climbs out is not guessed.
+    assert command.locate("/etc/uwsgi/app.ini") == Path("/etc/uwsgi/app.ini")
+    assert command.locate("../uwsgi.ini") == repo / "docker" / "../uwsgi.ini"
+    # A Procfile's command runs here: its paths are never looked for elsewhere.
+    (repo / "Procfile").write_text("web: uwsgi docker/missing.ini\n")
+    procfile = discovery.find_commands(repo, "uwsgi")[0]
+    assert not procfile.in_image
+    assert procfile.locate("/opt/healthchecks/docker/uwsgi.ini") == Path(
+        "/opt/healthchecks/docker/uwsgi.ini"
+    )
+
+
 def test_unreadable_files_count_as_empty(cwd: Path) -> None:
     (cwd / "Procfile").mkdir()  # a directory: is_file() is False
     (cwd / "Dockerfile").write_bytes(b"CMD gunicorn \xff.wsgi\n")

@@ -55,7 +55,8 @@ def _unreadable(problem: server_configs.Unreadable) -> checks.Warning:
     return checks.Warning(
         f"The {problem.server} config {problem.source} cannot be read: "
         f"{problem.error.rstrip('.')}.",
-        hint=(
+        hint=problem.hint
+        or (
             f"Fix {problem.source} so that {problem.server} can load it; until then "
             "django-leakguard cannot check its worker recycling."
         ),

@@ -3,7 +3,9 @@
 The checks read what this finds when LEAKGUARD names no config (docs/checks): config files by
 their usual names in the current directory, BASE_DIR and BASE_DIR's parent, and in the etc/,
 deploy/, config/, conf/ and docker/ directories of those; and the gunicorn and uwsgi commands of
-the Procfiles and Dockerfiles (CMD and ENTRYPOINT lines) there.
+the Procfiles and Dockerfiles (CMD and ENTRYPOINT lines) there. A path a Dockerfile's command
+names is the image's; where it does not exist here, the project's copy of it is used
+(Command.locate).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 CONFIG_DIRS = ("", "etc", "deploy", "config", "conf", "docker")
 GUNICORN_FILES = ("gunicorn.conf.py", "gunicorn_conf.py", "gunicorn_config.py", "gunicorn.py")
@@ -32,6 +35,56 @@ class Command:
     args: tuple[str, ...]  # what follows the program's name
     source: str  # "the gunicorn command in /srv/app/Procfile (web)"
     directory: Path  # where it runs: relative paths in args are taken from here
+    # A Dockerfile's command runs in the image; where to look for the project's copy of a path
+    # it names (see locate).
+    image_roots: tuple[Path, ...] = ()
+
+    @property
+    def in_image(self) -> bool:
+        return bool(self.image_roots)
+
+    def locate(self, name: str) -> Path:
+        """Return where a file the command names is on this machine.
+
+        A relative path is taken from the command's directory. A Dockerfile's command runs in
+        the image, where the project was copied (`COPY . /opt/app/`): a path there (absolute,
+        or relative to its WORKDIR) that does not exist here is looked for in the project by
+        its trailing parts, longest first (/opt/app/docker/uwsgi.ini is docker/uwsgi.ini of the
+        build context), under the Dockerfile's directory, its parent, BASE_DIR and BASE_DIR's
+        parent. When no copy is found, the path as named.
+        """
+        path = Path(name).expanduser()
+        if not path.is_absolute():
+            path = self.directory / path
+        if self.in_image and not path.exists():
+            return project_copy(name, self.image_roots) or path
+        return path
+
+
+def project_copy(name: str, roots: Sequence[Path]) -> Path | None:
+    """Return the file under one of roots at the longest trailing part of name, if any."""
+    parts = [part for part in PurePosixPath(name).parts if part not in ("/", ".")]
+    if ".." in parts:
+        return None  # where it leads in the image is not known
+    for start in range(len(parts)):
+        tail = Path(*parts[start:])
+        for root in roots:
+            if (root / tail).is_file():
+                return root / tail
+    return None
+
+
+def _image_roots(dockerfile: Path, base_dir: Path | None) -> tuple[Path, ...]:
+    """Where a Dockerfile's build context may be: its directory, its parent, BASE_DIR and
+    BASE_DIR's parent; never / (where an image path would find the system's files)."""
+    candidates = [dockerfile.parent, dockerfile.parent.parent]
+    if base_dir is not None:
+        candidates += [base_dir, base_dir.parent]
+    roots: list[Path] = []
+    for root in candidates:
+        if root.parent != root and root not in roots:
+            roots.append(root)
+    return tuple(roots)
 
 
 def search_dirs(base_dir: Path | None) -> list[Path]:
@@ -76,8 +129,10 @@ def find_commands(base_dir: Path | None, server: str) -> list[Command]:
                 commands += _commands(shlex_split(line), server, f"{procfile} ({name})", directory)
         dockerfile = directory / "Dockerfile"
         if dockerfile.is_file():
+            roots = _image_roots(dockerfile, base_dir)
             for instruction, argv in _docker_commands(dockerfile):
-                commands += _commands(argv, server, f"{dockerfile} ({instruction})", directory)
+                where = f"{dockerfile} ({instruction})"
+                commands += _commands(argv, server, where, directory, roots)
     return commands
 
 
@@ -133,7 +188,9 @@ def _docker_commands(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _commands(argv: list[str], server: str, where: str, directory: Path) -> list[Command]:
+def _commands(
+    argv: list[str], server: str, where: str, directory: Path, image_roots: tuple[Path, ...] = ()
+) -> list[Command]:
     """Return the server's commands in a command line (sh -c "..." included)."""
     commands: list[Command] = []
     index = 0
@@ -141,7 +198,7 @@ def _commands(argv: list[str], server: str, where: str, directory: Path) -> list
         word = argv[index]
         if word in ("-c",) and index > 0 and os.path.basename(argv[index - 1]) in ("sh", "bash"):
             script = " ".join(argv[index + 1 : index + 2])
-            commands += _commands(shlex_split(script), server, where, directory)
+            commands += _commands(shlex_split(script), server, where, directory, image_roots)
             index += 2
             continue
         program = os.path.basename(word)
@@ -153,7 +210,8 @@ def _commands(argv: list[str], server: str, where: str, directory: Path) -> list
             while end < len(argv) and argv[end] not in _SEPARATORS:
                 end += 1
             source = f"the {server} command in {where}"
-            commands.append(Command(server, tuple(argv[start:end]), source, directory))
+            args = tuple(argv[start:end])
+            commands.append(Command(server, args, source, directory, image_roots))
             index = end
             continue
         index += 1

@@ -14,7 +14,7 @@ import io
 import re
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,8 @@ from django_leakguard.recycling import installed_uwsgi_version, parse_version
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from django_leakguard import discovery
 
 GUNICORN_CONF_MODULE = "django_leakguard.gunicorn_conf"
 
@@ -34,6 +36,7 @@ class Unreadable:
     server: str
     source: str
     error: str
+    hint: str = ""  # what to do, when it is not to fix the file (see checks._unreadable)
 
 
 def resolve_path(path: str, base_dir: Path | None) -> Path:
@@ -139,6 +142,24 @@ def _gunicorn_location(location: str, directory: Path | None) -> str:
     return str(resolve_path(location.removeprefix("file:"), directory))
 
 
+def _command_location(command: discovery.Command, location: str) -> str:
+    """A command's -c: a python: module, else the file it names on this machine (locate)."""
+    if location.startswith("python:"):
+        return location
+    return str(command.locate(location.removeprefix("file:")))
+
+
+def _not_in_project(server: str, path: str, command: discovery.Command) -> Unreadable:
+    """A path of the image that a Dockerfile's command names, with no copy in the project."""
+    setting = "GUNICORN_CONFIG" if server == "Gunicorn" else "UWSGI_INI"
+    return Unreadable(
+        server,
+        path,
+        f"{command.source} names it in the image, and no copy of it was found in the project",
+        hint=f"Name the project's copy of it in LEAKGUARD[{setting!r}].",
+    )
+
+
 def read_gunicorn_configs(
     paths: Sequence[str], base_dir: Path | None
 ) -> list[GunicornConfig | Unreadable]:
@@ -182,14 +203,18 @@ def read_gunicorn_configs(
                 results.append(Unreadable("Gunicorn", command.source, str(exc)))
                 continue
             config = options.pop("config", None)
-            default = command.directory / "gunicorn.conf.py"
+            default = command.locate("gunicorn.conf.py")
             location = (
-                _gunicorn_location(config, command.directory)
+                _command_location(command, config)
                 if config
                 else str(default)
                 if default.is_file()
                 else ""
             )
+            in_image = command.in_image and not location.startswith("python:")
+            if in_image and location and not Path(location).exists():
+                results.append(_not_in_project("Gunicorn", location, command))
+                continue
             runs.append((location, command.source, {**env_options, **options}))
         if not runs and not results:
             found = discovery.find_files(discovery.GUNICORN_FILES, base_dir)
@@ -319,12 +344,14 @@ def read_uwsgi_configs(
     live = live_uwsgi_options()
     if live is not None:
         return [UwsgiConfig("of the running uWSGI", live)]
-    candidates = [_ini_candidate(entry, base_dir) for entry in paths]
+    candidates = [
+        _ini_candidate(entry, lambda name: resolve_path(name, base_dir)) for entry in paths
+    ]
     results: list[UwsgiConfig | Unreadable] = []
     if not paths:
         commands = discovery.find_commands(base_dir, "uwsgi")
         for command in commands:
-            results.append(_read_uwsgi_command(command.args, command.source, command.directory))
+            results.append(_read_uwsgi_command(command))
         if not commands:
             candidates = [
                 (path, "uwsgi") for path in discovery.find_files(discovery.UWSGI_FILES, base_dir)
@@ -342,22 +369,21 @@ def read_uwsgi_configs(
     return results
 
 
-def _ini_candidate(entry: str, directory: Path | None) -> tuple[Path, str]:
+def _ini_candidate(entry: str, locate: Callable[[str], Path]) -> tuple[Path, str]:
     name, section = entry, "uwsgi"
     # uWSGI's --ini file.ini:section form.
-    if not resolve_path(entry, directory).exists() and ":" in entry:
+    if not locate(entry).exists() and ":" in entry:
         name, _, section = entry.rpartition(":")
-    return resolve_path(name, directory), section or "uwsgi"
+    return locate(name), section or "uwsgi"
 
 
 # uWSGI's one-letter options that matter to the checks.
 _UWSGI_SHORT = {"-R": "max-requests", "-p": "processes", "-M": "master"}
 
 
-def _read_uwsgi_command(
-    args: Sequence[str], source: str, directory: Path
-) -> UwsgiConfig | Unreadable:
+def _read_uwsgi_command(command: discovery.Command) -> UwsgiConfig | Unreadable:
     """Return the options of a uwsgi command line: its ini file's, with its own on top."""
+    args = command.args
     options: dict[str, str] = {}
     ini: tuple[Path, str] | None = None
     index = 0
@@ -380,11 +406,13 @@ def _read_uwsgi_command(
         elif word.endswith(".ini") or ".ini:" in word:
             name, value = "ini", word
         if name == "ini":
-            ini = _ini_candidate(value, directory)
+            ini = _ini_candidate(value, command.locate)
         elif name:
             options[_option_name(name)] = value
     if ini is None:
-        return UwsgiConfig(source, options)
+        return UwsgiConfig(command.source, options)
+    if command.in_image and not ini[0].exists():
+        return _not_in_project("uWSGI", str(ini[0]), command)
     try:
         config = read_uwsgi_ini(*ini)
     except ValueError as exc:
