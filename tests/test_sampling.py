@@ -60,9 +60,9 @@ def test_calls_that_never_run_alone_stop_reading(
     reads = []
     time_heap = rec._time_heap
 
-    def counted() -> tuple[int, int] | None:
+    def counted(spent: float = 0.0) -> tuple[int, int] | None:
         reads.append(1)
-        return time_heap()
+        return time_heap(spent)
 
     monkeypatch.setattr(rec, "_time_heap", counted)
     holder = rec.begin(read_heap=False)
@@ -178,3 +178,10 @@ def test_rss_rankings_say_what_rss_blames() -> None:
     rows = [Row(REQUEST, "/a/", calls=10)]
     built = build_report(rows, Workers(), source="database", since=None, until=None, sort="rss")
     assert any("a transient spike" in note for note in built.notes)
+
+
+def test_what_a_reading_spent_beforehand_counts_in_its_cost(rec: Recorder) -> None:
+    # The walk over the response a call's end takes off (held_memory) is part of the reading.
+    rec._heap_cost = 0.0
+    rec._time_heap(0.25)
+    assert rec._heap_cost >= 0.25

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import io
+import sys
 import threading
 import time
 import weakref
@@ -85,7 +86,24 @@ def starts_a_thread(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"ok")
 
 
+# A page of 40 KiB (an HTML page, a JSON list), and the same page from a view that also keeps
+# 8 KiB a call.
+PAGE = 40 * 1024
+_kept_with_page: list[bytes] = []
+
+
+def page(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"x" * PAGE)
+
+
+def page_and_leak(request: HttpRequest) -> HttpResponse:
+    _kept_with_page.append(bytes(8 * 1024))
+    return HttpResponse(b"x" * PAGE)
+
+
 urlpatterns = [
+    path("page/", page),
+    path("page-and-leak/", page_and_leak),
     path("closing/", closing),
     path("streaming/", streaming),
     path("per-thread/", per_thread),
@@ -186,6 +204,40 @@ def test_what_an_asgi_request_thread_holds_until_teardown_is_not_kept(rec: Recor
     # 1 MiB per call, kept by the request's thread, freed when the handler joins it; ended at
     # close (which runs in that thread), each call kept it.
     assert totals.heap_growth < 5 * 64 * 1024
+
+
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+def test_the_response_being_closed_is_not_kept(rec: Recorder) -> None:
+    # The server still holds the response when it closes it, and frees it right after: a
+    # 40 KiB page counted 40 KiB kept a call, and ranked pages by their size.
+    _kept_with_page.clear()
+    for _ in range(10):
+        serve("/page/", rec)
+        serve("/page-and-leak/", rec)
+    totals = rec.totals()
+    plain, leak = totals[REQUEST, "/page/"], totals[REQUEST, "/page-and-leak/"]
+    assert plain.heap_calls == leak.heap_calls == 10
+    assert abs(plain.heap_growth) / 10 < 1024
+    assert 7 * 1024 < leak.heap_growth / 10 < 9 * 1024
+    assert abs(plain.blocks_growth) / 10 < 20
+    _kept_with_page.clear()
+
+
+def test_held_memory_is_what_freeing_the_response_gives_back() -> None:
+    if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
+        pytest.skip("glibc mallinfo2 is not available here")
+    for size in (100, 600, 5_000, 40 * 1024, 300 * 1024):
+        response = HttpResponse(b"x" * size)
+        response.headers["X-Custom"] = "a header value"
+        response.set_cookie("name", "value")
+        held_heap, held_blocks = recorder_heap.held_memory((response,))
+        gc.collect()
+        heap, blocks = memory.heap(), sys.getallocatedblocks()
+        del response
+        freed_heap, freed_blocks = heap - memory.heap(), blocks - sys.getallocatedblocks()
+        assert freed_heap - 64 <= held_heap <= freed_heap + 64, size
+        assert abs(held_blocks - freed_blocks) <= 3, size
+    assert recorder_heap.held_memory(()) == (0, 0)
 
 
 class _Context:

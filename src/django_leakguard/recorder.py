@@ -33,7 +33,7 @@ from django_leakguard import conf, memory, threads, tracing
 from django_leakguard.flusher import Flusher
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_flush import Flushing, RateLimitedLog
-from django_leakguard.recorder_heap import HeapTiming
+from django_leakguard.recorder_heap import HeapTiming, held_memory
 from django_leakguard.records import KEY_MAX_LENGTH, Batch, Pending, WorkerState, Writer, fit_key
 from django_leakguard.tracing import Trace
 from django_leakguard.tracing_baseline import Baseline
@@ -403,7 +403,14 @@ class Recorder(Flushing, HeapTiming):
             if call.heap_share is not None and call.threads >= 0:
                 self._wait_for_threads(call.threads)
             rss = memory.rss()
-            heap = None if call.heap_share is None else self._time_heap()
+            heap = None
+            if call.heap_share is not None:
+                # What the caller frees right after (the response) is not kept by the call.
+                start = time.perf_counter()
+                held_heap, held_blocks = held_memory(held) if held else (0, 0)
+                heap = self._time_heap(time.perf_counter() - start)
+                if heap is not None:
+                    heap = (heap[0] - held_heap, heap[1] - held_blocks)
             hour = int(time.time()) // 3600
             if len(key) > KEY_MAX_LENGTH:
                 key = fit_key(key)  # looked up as it is stored (see records.fit_key)

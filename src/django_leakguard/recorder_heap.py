@@ -7,8 +7,10 @@ import gc
 import random
 import sys
 import time
+from collections.abc import Iterable
 
 from django_leakguard import memory
+from django_leakguard.tracing_baseline import owned_parts
 
 # mallinfo2() walks the allocator's free lists, so its cost grows with fragmentation (0.4 µs
 # in a bare interpreter, several µs in a large application). When a reading costs more than
@@ -21,6 +23,50 @@ HEAP_PROBE_BUDGET = 1.0e-6
 # not wait (the loop serves other calls meanwhile).
 THREADS_WAIT = 0.002
 THREADS_POLL = 0.00005
+
+
+# pymalloc serves requests of up to this many bytes (one block each); larger ones are glibc's,
+# whose chunks of up to TCACHE_MAX bytes go to and come from a per-thread cache that
+# mallinfo2() counts as in use: the heap signal does not see them come and go. Larger chunks
+# are the request plus an 8-byte header, in 16-byte steps.
+PYMALLOC_MAX = 512
+TCACHE_MAX = 1032
+
+
+def held_memory(held: Iterable[object]) -> tuple[int, int]:
+    """Return (C heap bytes, pymalloc blocks) that held and what only it refers to take.
+
+    held is what a call's caller still refers to at the call's end and lets go of right after
+    (the response the server is closing: its content, headers, cookies): the memory is freed
+    then, so it is not the call's to keep. Each object counts as the allocations CPython
+    makes for it: one for a str, bytes or tuple, two for a list, dict or set (the object and
+    its table), each a pymalloc block or C heap bytes by its size, as the heap signals see
+    them (see TCACHE_MAX). An estimate: what matters is that a 30 KiB page is not taken for
+    30 KiB kept.
+    """
+    heap = blocks = 0
+    for root in held:
+        # An HttpResponse's content, whoever else refers to it: the server's loop over the
+        # response holds its last chunk until it has closed it.
+        content = getattr(root, "_container", None)
+        parts: list[object] = [root, *(content if type(content) is list else ())]
+        parts.extend(owned_parts(root, [id(part) for part in parts]))
+        for part in parts:
+            size = sys.getsizeof(part)
+            kind = type(part)
+            if kind.__itemsize__ or size <= PYMALLOC_MAX:
+                sizes: tuple[int, ...] = (size,)  # one allocation
+            else:
+                head = kind.__basicsize__ + (16 if gc.is_tracked(part) else 0)
+                sizes = (head, size - head)
+            for allocation in sizes:
+                if allocation <= 0:
+                    continue
+                if allocation <= PYMALLOC_MAX:
+                    blocks += 1
+                elif allocation > TCACHE_MAX:
+                    heap += (allocation + 8 + 15) & ~15
+    return heap, blocks
 
 
 def asyncio_running() -> bool:
@@ -38,15 +84,16 @@ class HeapTiming:
     _has_heap: bool
     _heap_cost: float  # moving average of one heap() reading, in seconds
 
-    def _time_heap(self) -> tuple[int, int] | None:
+    def _time_heap(self, spent: float = 0.0) -> tuple[int, int] | None:
         """Read the heap signals: C heap in use and pymalloc blocks, young garbage collected.
 
         Objects of the call that are only waiting for the cyclic collector (a request and its
         lazy user refer to each other) are freed first, so that they do not count as kept:
         a collection of the youngest generation, cheap since it holds a few hundred objects
-        at most. A process that disabled the collector is left alone.
+        at most. A process that disabled the collector is left alone. spent: seconds the
+        caller spent on the reading already (held_memory), counted in its cost.
         """
-        start = time.perf_counter()
+        start = time.perf_counter() - spent
         if gc.isenabled():
             gc.collect(0)
         heap = memory.heap()

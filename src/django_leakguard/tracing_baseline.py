@@ -7,7 +7,7 @@ import sys
 import tracemalloc
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from django_leakguard.tracing_sites import Cell, Place, frames_cell, is_user_file
 
@@ -75,6 +75,16 @@ def _owned(root: object, counted: set[int]) -> tuple[int, int]:
     in counted (ids), counted already.
     """
     size = count = 0
+    for part in owned_parts(root, counted):
+        size += sys.getsizeof(part)
+        count += 1
+    return size, count
+
+
+def owned_parts(root: object, counted: Iterable[int] = ()) -> Iterator[object]:
+    """Yield what only root refers to, directly or through such objects (see _owned), at
+    most HELD_PARTS of them."""
+    count = 0
     seen = {id(root), *counted}
     queue = [root]
     for container in queue:  # breadth first: the list grows while it is walked
@@ -86,13 +96,12 @@ def _owned(root: object, counted: set[int]) -> tuple[int, int]:
             if walk is _SKIP or sys.getrefcount(part) > _ONE_OWNER or id(part) in seen:
                 continue
             seen.add(id(part))
-            size += sys.getsizeof(part)
+            yield part
             count += 1
             if count >= HELD_PARTS:
-                return size, count
+                return
             if walk is _INTO:
                 queue.append(part)
-    return size, count
 
 
 # How _owned treats objects of a type: skipped (shared or tiny: a status code, a flag, a
