@@ -62,6 +62,13 @@ def whoami(request: HttpRequest) -> HttpResponse:
     return HttpResponse(request.user.get_username())
 
 
+def api_key(request: HttpRequest) -> HttpResponse:
+    # As an API authenticated by a header does (a key, a token): no session, no user.
+    if request.headers.get("X-Api-Key") != "s3cret" or "json" not in request.content_type:
+        return HttpResponse("no key", status=401)
+    return HttpResponse("{}", content_type="application/json")
+
+
 cookie_seen: list[bool] = []
 
 
@@ -131,6 +138,7 @@ urlpatterns = [
     path("broken/", broken),
     path("write/<str:n>/", write_row),
     path("whoami/", whoami),
+    path("api-key/", api_key),
     path("cookie/", cookie),
     path("stream/", streaming),
     path("c-leak/", c_leak),
@@ -463,7 +471,8 @@ def test_unsuccessful_responses_are_warned_about() -> None:
     assert err.getvalue() == (
         "Warning: 24 of 24 responses were not successful (403 x24): the view may not have done "
         "its usual work, so what it keeps was not measured. If the view needs a logged-in "
-        "user, pass --user USERNAME; otherwise check the path and the method.\n"
+        "user, pass --user USERNAME; if it needs an API key or a token, pass it with --header "
+        "'Name: value'; otherwise check the path and the method.\n"
     )
     err = StringIO()
     call_command(
@@ -478,6 +487,55 @@ def test_unsuccessful_responses_are_warned_about() -> None:
         stderr=err,
     )
     assert err.getvalue() == ""
+
+
+@pytest.mark.urls(__name__)
+def test_headers_are_sent_with_every_request() -> None:
+    assert hunt.hunt("/api-key/", requests=2, warmup=1).statuses == {401: 5}
+    headers = ["X-Api-Key: s3cret", "Content-Type:application/json"]
+    assert hunt.hunt("/api-key/", requests=2, warmup=1, headers=headers).statuses == {200: 5}
+    err = StringIO()
+    output = StringIO()
+    call_command(
+        "leakhunt",
+        "/api-key/",
+        "--header",
+        "X-Api-Key: s3cret",
+        "--header",
+        "Content-Type: application/json",
+        "--requests",
+        "2",
+        "--force",
+        stdout=output,
+        stderr=err,
+    )
+    assert "(responses: 200 x24)" in output.getvalue()
+    assert "s3cret" not in output.getvalue() + err.getvalue()
+    # Without them, the warning says how to send one.
+    err = StringIO()
+    call_command("leakhunt", "/api-key/", "--requests", "2", "--force", stdout=output, stderr=err)
+    assert "pass it with --header 'Name: value'" in err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ("s3cret", "it has no colon"),
+        ("X Api Key: s3cret", "what comes before the colon is not a header name"),
+        (": s3cret", "what comes before the colon is not a header name"),
+    ],
+)
+def test_a_malformed_header_is_a_clear_error_that_shows_no_value(
+    header: str, problem: str
+) -> None:
+    with pytest.raises(CommandError) as raised:
+        leakhunt("/products/1/", "--header", "Accept: */*", "--header", header, "--force")
+    message = str(raised.value)
+    assert message == (
+        f"--header number 2 should be 'Name: value', such as 'Authorization: Token ...': "
+        f"{problem}. Quote each header as one argument: --header 'X-Api-Key: ...'."
+    )
+    assert "s3cret" not in message
 
 
 def test_unsuccessful_warning_for_a_logged_in_user() -> None:

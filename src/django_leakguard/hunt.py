@@ -9,7 +9,7 @@ import sys
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,7 +91,9 @@ class HuntResult:
         return self.retained / self.requests
 
 
-def unsuccessful_warning(result: HuntResult, logged_in: bool) -> str | None:
+def unsuccessful_warning(
+    result: HuntResult, logged_in: bool, with_headers: bool = False
+) -> str | None:
     """Return a warning when replayed responses were not 2xx (the view may not have run)."""
     failed = {code: count for code, count in result.statuses.items() if not 200 <= code < 300}
     if not failed:
@@ -99,16 +101,45 @@ def unsuccessful_warning(result: HuntResult, logged_in: bool) -> str | None:
     total = sum(result.statuses.values())
     codes = ", ".join(f"{code} x{count}" for code, count in failed.items())
     hint = "Check the path, the method and the view's logs."
-    if not logged_in and any(code in (301, 302, 401, 403) for code in failed):
+    if not (logged_in or with_headers) and any(code in (301, 302, 401, 403) for code in failed):
         hint = (
-            "If the view needs a logged-in user, pass --user USERNAME; otherwise check the "
-            "path and the method."
+            "If the view needs a logged-in user, pass --user USERNAME; if it needs an API key "
+            "or a token, pass it with --header 'Name: value'; otherwise check the path and "
+            "the method."
         )
     return (
         f"Warning: {sum(failed.values()):,} of {total:,} responses were not successful "
         f"({codes}): the view may not have done its usual work, so what it keeps was not "
         f"measured. {hint}"
     )
+
+
+# A header's name: an HTTP token (RFC 9110).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_headers(lines: Sequence[str]) -> dict[str, str]:
+    """Return {name: value} of "Name: value" lines; raise HuntError on a malformed one.
+
+    Nothing of a line is shown in the error: a header may carry a secret.
+    """
+    headers: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon:
+            problem = "it has no colon"
+        elif not _HEADER_NAME.fullmatch(name):
+            problem = "what comes before the colon is not a header name"
+        else:
+            headers[name] = value.strip()
+            continue
+        raise HuntError(
+            f"--header number {number} should be 'Name: value', such as "
+            f"'Authorization: Token ...': {problem}.",
+            "Quote each header as one argument: --header 'X-Api-Key: ...'.",
+        )
+    return headers
 
 
 def request_path(template: str, number: int) -> str:
@@ -225,10 +256,17 @@ Progress = Callable[[str], None]
 
 class _Replayer:
     def __init__(
-        self, client: Client, method: str, template: str, total: int, progress: Progress | None
+        self,
+        client: Client,
+        method: str,
+        template: str,
+        total: int,
+        progress: Progress | None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.method = method
+        self.headers = headers or {}
         self.template = template
         self.number = 0
         self.statuses: Counter[int] = Counter()
@@ -253,7 +291,7 @@ class _Replayer:
             if watch is not None:
                 watch.begin_request()
             try:
-                response = self.client.generic(self.method, path)
+                response = self.client.generic(self.method, path, headers=self.headers)
             except Exception as exc:
                 raise HuntError(
                     f"{self.method} {path} raised {type(exc).__name__}: {exc}",
@@ -276,6 +314,7 @@ def hunt(
     requests: int = DEFAULT_REQUESTS,
     method: str = "GET",
     username: str | None = None,
+    headers: Sequence[str] = (),
     warmup: int = DEFAULT_WARMUP,
     top: int = DEFAULT_TOP,
     commit: bool = False,
@@ -297,12 +336,13 @@ def hunt(
     if top < 1:
         raise HuntError(f"--top should be at least 1, got {top}.")
     method = method.upper()
+    sent = parse_headers(headers)
     _check_resolves(request_path(path, 1))
     half = requests // 2
     watch = LineWatch() if c_heap and LineWatch.available() else None
     client = ReplayClient()
     total = warmup + requests * (2 if watch is not None else 1)
-    replayer = _Replayer(client, method, path, total, progress)
+    replayer = _Replayer(client, method, path, total, progress, sent)
     c_halves: list[dict[tuple[str, int], int]] = []
     c_total = 0
     # The replayed requests are not traffic: LeakGuardMiddleware (and sampled tracing, which

@@ -32,6 +32,15 @@ class Command(BaseCommand):
         parser.add_argument("--method", default="GET", help="HTTP method (default GET)")
         parser.add_argument("--user", dest="username", help="log this user in first")
         parser.add_argument(
+            "--header",
+            dest="headers",
+            action="append",
+            default=[],
+            metavar="'NAME: VALUE'",
+            help="send this header with every request, e.g. 'Authorization: Token ...' "
+            "(repeatable)",
+        )
+        parser.add_argument(
             "--warmup",
             type=int,
             default=hunt.DEFAULT_WARMUP,
@@ -63,6 +72,7 @@ class Command(BaseCommand):
         requests: int,
         method: str,
         username: str | None,
+        headers: list[str],
         warmup: int,
         top: int,
         commit: bool,
@@ -82,6 +92,7 @@ class Command(BaseCommand):
                 requests=requests,
                 method=method,
                 username=username,
+                headers=headers,
                 warmup=warmup,
                 top=top,
                 commit=commit,
@@ -91,6 +102,8 @@ class Command(BaseCommand):
         except hunt.HuntError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(hunt.render(result))
-        warning = hunt.unsuccessful_warning(result, logged_in=username is not None)
+        warning = hunt.unsuccessful_warning(
+            result, logged_in=username is not None, with_headers=bool(headers)
+        )
         if warning is not None:
             self.stderr.write(warning)
