@@ -240,6 +240,17 @@ def test_held_memory_is_what_freeing_the_response_gives_back() -> None:
     assert recorder_heap.held_memory(()) == (0, 0)
 
 
+class _BrokenSize:
+    def __sizeof__(self) -> int:
+        raise RuntimeError("no size")
+
+
+def test_a_part_whose_size_fails_takes_nothing_off() -> None:
+    response = HttpResponse(b"x" * PAGE)
+    response.extra = _BrokenSize()  # type: ignore[attr-defined]
+    assert recorder_heap.held_memory((response,)) == (0, 0)
+
+
 class _Context:
     """Stands in for an asgiref ThreadSensitiveContext whose executor is never shut down."""
 
