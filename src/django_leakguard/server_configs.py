@@ -136,17 +136,11 @@ def _parse_gunicorn_args(reader: Any, argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _gunicorn_location(location: str, directory: Path | None) -> str:
+def _gunicorn_location(location: str, locate: Callable[[str], Path]) -> str:
+    """A -c value: a python: module as it is, else the file it names, found by locate."""
     if location.startswith("python:"):
         return location
-    return str(resolve_path(location.removeprefix("file:"), directory))
-
-
-def _command_location(command: discovery.Command, location: str) -> str:
-    """A command's -c: a python: module, else the file it names on this machine (locate)."""
-    if location.startswith("python:"):
-        return location
-    return str(command.locate(location.removeprefix("file:")))
+    return str(locate(location.removeprefix("file:")))
 
 
 def _not_in_project(server: str, path: str, command: discovery.Command) -> Unreadable:
@@ -191,10 +185,14 @@ def read_gunicorn_configs(
     # (location, name when there is no file, options on top of the file's)
     runs: list[tuple[str, str, dict[str, Any]]] = []
     if paths:
-        runs = [(_gunicorn_location(path, base_dir), "", env_options) for path in paths]
+        runs = [
+            (_gunicorn_location(path, lambda name: resolve_path(name, base_dir)), "", env_options)
+            for path in paths
+        ]
     elif env_config:
         # Gunicorn resolves GUNICORN_CMD_ARGS' -c against the current directory.
-        runs = [(_gunicorn_location(env_config, None), "", env_options)]
+        location = _gunicorn_location(env_config, lambda name: resolve_path(name, None))
+        runs = [(location, "", env_options)]
     else:
         for command in discovery.find_commands(base_dir, "gunicorn"):
             try:
@@ -205,7 +203,7 @@ def read_gunicorn_configs(
             config = options.pop("config", None)
             default = command.locate("gunicorn.conf.py")
             location = (
-                _command_location(command, config)
+                _gunicorn_location(config, command.locate)
                 if config
                 else str(default)
                 if default.is_file()
