@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 
 from django_leakguard import memory
-from django_leakguard.tracing_baseline import owned_parts
+from django_leakguard.tracing_baseline import owned_parts, response_content
 
 # mallinfo2() walks the allocator's free lists, so its cost grows with fragmentation (0.4 µs
 # in a bare interpreter, several µs in a large application). When a reading costs more than
@@ -55,8 +55,7 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
     for root in held:
         # An HttpResponse's content, whoever else refers to it: the server's loop over the
         # response holds its last chunk until it has closed it.
-        content = getattr(root, "_container", None)
-        parts: list[object] = [root, *(content if type(content) is list else ())]
+        parts = [root, *response_content(root)]
         parts.extend(owned_parts(root, [id(part) for part in parts]))
         for part in parts:
             size = sys.getsizeof(part)

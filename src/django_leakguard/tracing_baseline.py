@@ -40,9 +40,8 @@ def held_anyway(
     for root in roots:
         # Its content, counted where it was made whoever else refers to it (a test client
         # keeps the response's content).
-        content = getattr(root, "_container", None)  # HttpResponse's chunks (bytes)
         first_chunk_site = None
-        for chunk in content if type(content) is list else []:
+        for chunk in response_content(root):
             chunk_cell = _object_site(chunk)
             if chunk_cell is None:
                 continue
@@ -64,6 +63,12 @@ def held_anyway(
         totals[0] += size
         totals[1] += count
     return held
+
+
+def response_content(response: object) -> list[object]:
+    """An HttpResponse's content chunks (bytes); none for other objects."""
+    content = getattr(response, "_container", None)
+    return content if type(content) is list else []
 
 
 def _owned(root: object, counted: set[int]) -> tuple[int, int]:
