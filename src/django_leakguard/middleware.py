@@ -59,7 +59,7 @@ def ended_key(request: HttpRequest) -> tuple[str, str]:
     """Return the key and view a request ends with: request_key() refined (refine.py)."""
     # The key process_view found, unless the request never reached a view.
     key, view = getattr(request, "_leakguard_key", None) or request_key(request)
-    return refine.refine(request, key), view
+    return (refine.refine(request, key) if refine.enabled() else key), view
 
 
 class _EndAtClose:
@@ -109,11 +109,15 @@ class _EndAtClose:
             self._close = _closed
             call, self._call = self._call, None
             context, self._context = self._context, None
-            if call is not None:
-                teardown = _Teardown(self._recorder, call, self._key, self._view, self._loop)
-                if context is None or not teardown.wait_for(context):
-                    held = () if response is None else (response,)
-                    self._recorder.end(call, REQUEST, self._key, self._view, held)
+            if call is not None and (
+                context is None
+                or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
+                    context
+                )
+            ):
+                self._recorder.end(
+                    call, REQUEST, self._key, self._view, () if response is None else (response,)
+                )
 
     def __del__(self) -> None:
         call = self._call
@@ -250,12 +254,15 @@ class LeakGuardMiddleware:
         self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
     ) -> None:
         """The URL is resolved: read the heap signals if this pattern needs readings."""
-        _measure_heap(request)
+        measured = getattr(request, "_leakguard", None)
+        if measured is not None:
+            key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
+            measured[0].measure_heap(measured[1], REQUEST, key[0])
 
     async def _aprocess_view(
         self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
     ) -> None:
-        _measure_heap(request)
+        LeakGuardMiddleware.process_view(self, request, view, args, kwargs)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.is_async:
@@ -264,7 +271,7 @@ class LeakGuardMiddleware:
             response: HttpResponseBase = self.get_response(request)
             return response
         recorder = get_recorder()
-        call = recorder.begin(read_heap=False)
+        call = recorder.begin_rss()
         request._leakguard = (recorder, call)  # type: ignore[attr-defined]
         try:
             response = self.get_response(request)
@@ -278,7 +285,7 @@ class LeakGuardMiddleware:
             response: HttpResponseBase = await self.get_response(request)
             return response
         recorder = get_recorder()
-        call = recorder.begin(read_heap=False)
+        call = recorder.begin_rss()
         request._leakguard = (recorder, call)  # type: ignore[attr-defined]
         try:
             response = await self.get_response(request)
@@ -286,14 +293,6 @@ class LeakGuardMiddleware:
             recorder.end(call, REQUEST, *ended_key(request))
             raise
         return _end_at_close(recorder, call, request, response, asyncio.get_running_loop())
-
-
-def _measure_heap(request: HttpRequest) -> None:
-    measured = getattr(request, "_leakguard", None)
-    if measured is not None:
-        recorder, call = measured
-        key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
-        recorder.measure_heap(call, REQUEST, key[0])
 
 
 def _end_at_close(

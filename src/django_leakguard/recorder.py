@@ -116,7 +116,7 @@ class Recorder(Flushing, HeapTiming):
         self._closed_at = float("-inf")
         self._closed_heap = False
         self._has_heap = memory.heap_available()
-        self._heap_cost = 0.0  # moving average of one heap() reading, in seconds
+        self._heap_cost = 0.0  # moving average of one heap reading and what goes with it (s)
         if self._has_heap:
             # The first readings after a fork pay for copy-on-write page faults: start from
             # the cheapest of a few, or an outlier would starve the heap signal for a long time.
@@ -164,6 +164,8 @@ class Recorder(Flushing, HeapTiming):
         read_heap=False reads RSS only: the middleware decides once the key is known
         (measure_heap). None: a budgeted share of the calls read the heap.
         """
+        if read_heap is False:
+            return self.begin_rss()
         try:
             reads_heap = read_heap or (read_heap is None and self._reads_heap())
             # Unlocked first look: reuse the previous call's closing sample when it is fresh and
@@ -198,11 +200,8 @@ class Recorder(Flushing, HeapTiming):
                 heap_share = None
                 if heap is not None:
                     heap_share = self._join_heap(heap)
-                worker = self._worker
-                if worker.rss_first is None:
-                    worker.rss_first = rss
-                    worker.heap_first = None if heap is None else heap[0]
-                    worker.first_call_at = datetime.now(dt_timezone.utc)
+                if self._worker.rss_first is None:
+                    self._first_call(rss, None if heap is None else heap[0])
                 call = Call(
                     self._generation,
                     self._rss_share,
@@ -221,6 +220,42 @@ class Recorder(Flushing, HeapTiming):
         except Exception:
             self._errors.exception("LeakGuard could not sample memory at the start of a call")
             return Call(-1, 0.0, None)
+
+    def begin_rss(self) -> Call:
+        """begin(read_heap=False), the middleware's: the heap is read once the key is known."""
+        try:
+            # The previous call's closing sample, when fresh (confirmed under the lock).
+            rss = (
+                None
+                if not self._in_flight and time.monotonic() - self._closed_at < REUSE_WINDOW
+                else memory.rss()
+            )
+            with self._lock:
+                in_flight = self._in_flight
+                if rss is None:
+                    rss = memory.rss() if in_flight else self._last_rss
+                if in_flight:
+                    self._rss_share += (rss - self._last_rss) / in_flight
+                self._last_rss = rss
+                self._in_flight = in_flight + 1
+                self._call_events += 1
+                if self._worker.rss_first is None:
+                    self._first_call(rss, None)
+                call = Call(self._generation, self._rss_share, None, self._flushes)
+                lost = self._sample(call, in_flight) if self._tracing else None
+            if lost is not None:
+                lost.discard()  # outside the lock: stopping tracemalloc frees every trace
+            return call
+        except Exception:
+            self._errors.exception("LeakGuard could not sample memory at the start of a call")
+            return Call(-1, 0.0, None)
+
+    def _first_call(self, rss: int, heap: int | None) -> None:
+        """Under the lock: note the process's first sample."""
+        worker = self._worker
+        worker.rss_first = rss
+        worker.heap_first = heap
+        worker.first_call_at = datetime.now(dt_timezone.utc)
 
     def _join_heap(self, heap: tuple[int, int]) -> float:
         """Under the lock: add a heap reading at a call's start; return the heap share."""
@@ -261,10 +296,11 @@ class Recorder(Flushing, HeapTiming):
             )
             if enough and not self._reads_heap():
                 return
-            heap = self._time_heap()
+            start = time.perf_counter()
+            threads = memory.threads()
+            heap = self._time_heap(time.perf_counter() - start)
             if heap is None:
                 return  # pragma: no cover - CI has glibc >= 2.33
-            threads = memory.threads()
             with self._lock:
                 if call.generation != self._generation:
                     return
@@ -365,18 +401,6 @@ class Recorder(Flushing, HeapTiming):
         """End call at the next call's end or flush: for finalisers, which must not lock."""
         self._late.append((call, kind, key, view))
 
-    def end(
-        self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
-    ) -> None:
-        """Sample memory, attribute the change, and add the call to its key's totals.
-
-        held: what the call's caller still refers to and frees right after (the response
-        being closed): a traced call does not count it as retained.
-        """
-        if self._late:
-            self._end_late()
-        self._end(call, kind, key, view, held)
-
     def _end_late(self) -> None:
         """Record the calls end_later() queued (at a call's end, or before a flush takes them).
 
@@ -389,31 +413,30 @@ class Recorder(Flushing, HeapTiming):
             except IndexError:  # pragma: no cover - another thread took the last one
                 break
             call.alone_since = -1
-            self._end(call, kind, key, view)
+            self.end(call, kind, key, view)  # and what was queued meanwhile, if anything
 
-    def _end(
-        self, call: Call, kind: str, key: str, view: str, held: tuple[object, ...] = ()
+    def end(
+        self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
     ) -> None:
+        """Sample memory, attribute the change, and add the call to its key's totals.
+
+        held: what the call's caller still refers to and frees right after (the response
+        being closed): a traced call does not count it as retained.
+        """
+        if self._late:
+            self._end_late()
         try:
             trace = call.trace
             # Before the memory probes: the snapshot's own allocations are freed by then.
             result = None if trace is None else self._end_trace(call, trace, key, held)
             if call.generation != self._generation:
                 return  # begun before a fork or a discard(), or begin() failed, or ended
-            if call.heap_share is not None and call.threads >= 0:
-                self._wait_for_threads(call.threads)
+            heap = None if call.heap_share is None else self._end_heap(call, held)
             rss = memory.rss()
-            heap = None
-            if call.heap_share is not None:
-                # What the caller frees right after (the response) is not kept by the call.
-                start = time.perf_counter()
-                held_heap, held_blocks = held_memory(held) if held else (0, 0)
-                heap = self._time_heap(time.perf_counter() - start)
-                if heap is not None:
-                    heap = (heap[0] - held_heap, heap[1] - held_blocks)
             hour = int(time.time()) // 3600
             if len(key) > KEY_MAX_LENGTH:
                 key = fit_key(key)  # looked up as it is stored (see records.fit_key)
+            name = (kind, key)
             with self._lock:
                 if call.generation != self._generation:
                     return  # ended meanwhile (the exit flush ends a call cut off by the exit)
@@ -421,28 +444,14 @@ class Recorder(Flushing, HeapTiming):
                 if self._closing:
                     self._closing.pop(id(call), None)
                 n = self._in_flight
-                # No other call began or ended since its heap reading, and none is in flight.
-                alone = n == 1 and call.alone_since == self._call_events
-                self._call_events += 1
                 self._rss_share += (rss - self._last_rss) / n
                 self._last_rss = rss
                 self._in_flight = n - 1
-                heap_growth: int | None = None
+                heap_growth = None
                 blocks_growth = 0
                 if heap is not None:
-                    n = self._heap_in_flight
-                    self._heap_share += (heap[0] - self._last_heap) / n
-                    self._blocks_share += (heap[1] - self._last_blocks) / n
-                    self._last_heap, self._last_blocks = heap
-                    self._heap_in_flight = n - 1
-                    flushes = self._flushes
-                    # A call that overlapped another, or a flush, would be charged with a share
-                    # of what they allocated and freed meanwhile (a database view in another
-                    # thread opening a connection: hundreds of KiB): its reading is dropped.
-                    if alone and call.flushes == flushes and not flushes & 1:
-                        heap_growth = round(self._heap_share - call.heap_share)  # type: ignore[operator]
-                        blocks_growth = round(self._blocks_share - call.blocks_share)
-                name = (kind, key)
+                    heap_growth, blocks_growth = self._join_end_heap(call, heap, n)
+                self._call_events += 1
                 key_calls = self._key_calls
                 seen = key_calls.get(name)
                 if seen is not None:
@@ -469,19 +478,58 @@ class Recorder(Flushing, HeapTiming):
                 if result is not None:
                     aggregate.add_trace(result, self._trace_top)
                 worker = self._worker
-                if not worker.kind:
-                    worker.kind = kind
                 worker.rss_last = rss
+                worker.calls += 1
                 if heap is not None:
                     worker.heap_last = heap[0]
-                worker.calls += 1
+                if not worker.kind:
+                    worker.kind = kind
                 self._closed_at = now = time.monotonic()
                 self._closed_heap = heap is not None and not self._heap_in_flight
-            flusher = self._flusher
-            if now >= flusher.watch_at:
-                flusher.watch(now)
+            if now >= self._flusher.watch_at:
+                self._flusher.watch(now)
         except Exception:
             self._errors.exception("LeakGuard could not record a call")
+
+    def _end_heap(self, call: Call, held: tuple[object, ...]) -> tuple[int, int] | None:
+        """Read the heap signals at the end of a call that read them at its start."""
+        start = time.perf_counter()
+        if call.threads >= 0:
+            self._wait_for_threads(call.threads)
+        # What the caller frees right after (the response) is not kept by the call.
+        held_heap, held_blocks = held_memory(held) if held else (0, 0)
+        heap = self._time_heap(time.perf_counter() - start)
+        return None if heap is None else (heap[0] - held_heap, heap[1] - held_blocks)
+
+    def _join_end_heap(
+        self, call: Call, heap: tuple[int, int], in_flight: int
+    ) -> tuple[int | None, int]:
+        """Under the lock: add a heap reading at a call's end; return its (heap, blocks) growth.
+
+        in_flight: the calls in flight before this one ended. The heap growth is None unless
+        the call ran alone from its heap reading to its end (see below).
+        """
+        n = self._heap_in_flight
+        self._heap_share += (heap[0] - self._last_heap) / n
+        self._blocks_share += (heap[1] - self._last_blocks) / n
+        self._last_heap, self._last_blocks = heap
+        self._heap_in_flight = n - 1
+        flushes = self._flushes
+        # A call that overlapped another (no other call began or ended since its heap reading,
+        # and none is in flight), or a flush, would be charged with a share of what they
+        # allocated and freed meanwhile (a database view in another thread opening a
+        # connection: hundreds of KiB): its reading is dropped.
+        if (
+            in_flight == 1
+            and call.alone_since == self._call_events
+            and call.flushes == flushes
+            and not flushes & 1
+        ):
+            return (
+                round(self._heap_share - call.heap_share),  # type: ignore[operator]
+                round(self._blocks_share - call.blocks_share),
+            )
+        return None, 0
 
     # Introspection, for tests and hooks --------------------------------------------------
     @property

@@ -12,9 +12,12 @@ from collections.abc import Iterable
 from django_leakguard import memory
 from django_leakguard.tracing_baseline import owned_parts, response_content
 
-# mallinfo2() walks the allocator's free lists, so its cost grows with fragmentation (0.4 µs
-# in a bare interpreter, several µs in a large application). When a reading costs more than
-# this, only a random fraction budget/cost of the calls read the heap; heap_calls counts them.
+# mallinfo2() walks the allocator's free lists and sys.getallocatedblocks() pymalloc's pools,
+# so a reading's cost grows with fragmentation and the heap's size (0.5 µs in a bare
+# interpreter, 10 to 20 µs in a large application). A call that reads the heap reads it twice,
+# counts the process's threads and walks its response (see the Recorder): when that costs more
+# than this, only a random fraction budget/cost of the calls read the heap; heap_calls counts
+# them. A call's heap readings so cost about this much on average.
 HEAP_PROBE_BUDGET = 1.0e-6
 # A call that read the heap waits at most this long at its end for the threads it started and
 # that are ending (the event loop thread of async_to_sync, which runs an async view under WSGI)
@@ -133,5 +136,6 @@ class HeapTiming:
     def _reads_heap(self) -> bool:
         if not self._has_heap:
             return False  # pragma: no cover - CI has glibc >= 2.33
-        cost = self._heap_cost
+        # _heap_cost is one reading's, with what the call spends beside it: a call reads twice.
+        cost = 2 * self._heap_cost
         return cost <= HEAP_PROBE_BUDGET or random.random() * cost < HEAP_PROBE_BUDGET

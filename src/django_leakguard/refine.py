@@ -39,6 +39,8 @@ WAGTAIL_ROUTE_ATTRIBUTE = "_wagtail_route_for_request"
 _imported: dict[str, Refiner | None] = {}
 # The dotted paths whose failures this process has logged: each once.
 _logged: set[str] = set()
+# Whether REFINE_KEY may refine keys in this project (see enabled); None until first asked.
+_enabled: bool | None = None
 
 
 # What a report read from logs says when keys are refined (a log line knows only the path).
@@ -57,6 +59,17 @@ def active() -> bool:
     if path == conf.DEFAULTS["REFINE_KEY"]:
         return apps.is_installed("wagtail")
     return path is not None
+
+
+def enabled() -> bool:
+    """Return active(), once per process and settings: the request path's cheap check."""
+    global _enabled
+    if _enabled is None:
+        try:
+            _enabled = active()
+        except Exception:  # let refine() itself fail and log
+            _enabled = True
+    return _enabled
 
 
 def refined_key(key: str, detail: str) -> str:
@@ -132,7 +145,11 @@ def _log_once(path: str, what: str) -> None:
 
 def reset(**kwargs: Any) -> None:
     """Forget the imported functions and the failures logged (settings changed, or a fork)."""
-    if kwargs.get("setting", conf.SETTING_NAME) == conf.SETTING_NAME:
+    global _enabled
+    setting = kwargs.get("setting", conf.SETTING_NAME)
+    if setting in (conf.SETTING_NAME, "INSTALLED_APPS"):
+        _enabled = None
+    if setting == conf.SETTING_NAME:
         _imported.clear()
         _logged.clear()
 
