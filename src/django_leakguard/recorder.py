@@ -192,11 +192,7 @@ class Recorder(Flushing, HeapTiming):
                         # The latest sample is a closing one, at most REUSE_WINDOW old.
                         rss = self._last_rss
                         heap = (self._last_heap, self._last_blocks) if reads_heap else None
-                if in_flight:
-                    self._rss_share += (rss - self._last_rss) / in_flight
-                self._last_rss = rss
-                self._in_flight = in_flight + 1
-                self._call_events += 1
+                self._join_rss(rss)
                 heap_share = None
                 if heap is not None:
                     heap_share = self._join_heap(heap)
@@ -218,8 +214,7 @@ class Recorder(Flushing, HeapTiming):
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
             return call
         except Exception:
-            self._errors.exception("LeakGuard could not sample memory at the start of a call")
-            return Call(-1, 0.0, None)
+            return self._begin_failed()
 
     def begin_rss(self) -> Call:
         """begin(read_heap=False), the middleware's: the heap is read once the key is known."""
@@ -231,14 +226,9 @@ class Recorder(Flushing, HeapTiming):
                 else memory.rss()
             )
             with self._lock:
-                in_flight = self._in_flight
                 if rss is None:
-                    rss = memory.rss() if in_flight else self._last_rss
-                if in_flight:
-                    self._rss_share += (rss - self._last_rss) / in_flight
-                self._last_rss = rss
-                self._in_flight = in_flight + 1
-                self._call_events += 1
+                    rss = memory.rss() if self._in_flight else self._last_rss
+                in_flight = self._join_rss(rss)
                 if self._worker.rss_first is None:
                     self._first_call(rss, None)
                 call = Call(self._generation, self._rss_share, None, self._flushes)
@@ -247,8 +237,22 @@ class Recorder(Flushing, HeapTiming):
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
             return call
         except Exception:
-            self._errors.exception("LeakGuard could not sample memory at the start of a call")
-            return Call(-1, 0.0, None)
+            return self._begin_failed()
+
+    def _join_rss(self, rss: int) -> int:
+        """Under the lock: add an RSS reading at a call's start; return the calls in flight."""
+        in_flight = self._in_flight
+        if in_flight:
+            self._rss_share += (rss - self._last_rss) / in_flight
+        self._last_rss = rss
+        self._in_flight = in_flight + 1
+        self._call_events += 1
+        return in_flight
+
+    def _begin_failed(self) -> Call:
+        """Log why a call could not begin; return a call that every later step ignores."""
+        self._errors.exception("LeakGuard could not sample memory at the start of a call")
+        return Call(-1, 0.0, None)
 
     def _first_call(self, rss: int, heap: int | None) -> None:
         """Under the lock: note the process's first sample."""
