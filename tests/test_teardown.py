@@ -101,8 +101,19 @@ def page_and_leak(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"x" * PAGE)
 
 
+def queries(request: HttpRequest) -> HttpResponse:
+    # With DEBUG = True Django logs each query until the next request starts.
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for n in range(40):
+            cursor.execute("SELECT %s", [n])
+    return HttpResponse(b"ok")
+
+
 urlpatterns = [
     path("page/", page),
+    path("queries/", queries),
     path("page-and-leak/", page_and_leak),
     path("closing/", closing),
     path("streaming/", streaming),
@@ -221,6 +232,23 @@ def test_the_response_being_closed_is_not_kept(rec: Recorder) -> None:
     assert 7 * 1024 < leak.heap_growth / 10 < 9 * 1024
     assert abs(plain.blocks_growth) / 10 < 20
     _kept_with_page.clear()
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_queries_django_logs_with_debug_are_not_kept(rec: Recorder, debug: bool) -> None:
+    # Django keeps a request's queries (SQL and duration) while DEBUG is True, and clears
+    # them when the next request starts: 40 queries seemed to keep about 100 blocks a call.
+    with override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=debug):
+        for _ in range(10):
+            serve("/queries/", rec)
+        if debug:
+            from django.db import connection
+
+            assert len(connection.queries) == 40  # what the last call ran, still logged
+    totals = rec.totals()[REQUEST, "/queries/"]
+    assert totals.heap_calls == 10
+    assert abs(totals.blocks_growth) / 10 < 20
+    assert abs(totals.heap_growth) / 10 < 1024
 
 
 def test_held_memory_is_what_freeing_the_response_gives_back() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from asgiref.sync import SyncToAsync, iscoroutinefunction, markcoroutinefunction
 from django.apps import apps
 from django.core.exceptions import MiddlewareNotUsed
+from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 
 from django_leakguard import conf, refine
@@ -115,9 +116,10 @@ class _EndAtClose:
                     context
                 )
             ):
-                self._recorder.end(
-                    call, REQUEST, self._key, self._view, () if response is None else (response,)
-                )
+                held: tuple[object, ...] = () if response is None else (response,)
+                if call.heap_share is not None or call.trace is not None:
+                    held += logged_queries()
+                self._recorder.end(call, REQUEST, self._key, self._view, held)
 
     def __del__(self) -> None:
         call = self._call
@@ -129,6 +131,24 @@ class _EndAtClose:
 
 def _closed() -> None:
     return None
+
+
+def logged_queries() -> tuple[object, ...]:
+    """Return the queries Django has logged on this thread's connections (DEBUG = True).
+
+    With DEBUG (or while a test captures queries) Django keeps each query's SQL and duration
+    until the next request starts: a view running 40 queries seemed to keep 100 blocks a call.
+    They are held anyway, not kept by the call (taken off like the response being closed).
+    """
+    try:
+        return tuple(
+            query
+            for connection in connections.all(initialized_only=True)
+            if connection.queries_logged
+            for query in connection.queries_log
+        )
+    except Exception:  # a broken backend never fails the request
+        return ()
 
 
 class _Teardown:
