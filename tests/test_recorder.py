@@ -4,6 +4,7 @@ import gc
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -488,6 +489,20 @@ def test_a_flush_records_the_calls_ended_later(rec: Recorder) -> None:
     assert rec.in_flight == 0
     row = Growth.objects.get(key="/dropped/")
     assert (row.calls, row.heap_calls) == (1, 0)  # read at the flush, not at its end
+
+
+def test_many_calls_ended_later_are_recorded_without_recursion(rec: Recorder) -> None:
+    # Responses freed without close() queue their calls; the next call's end records them
+    # all, one after the other (not one end inside another: thousands would overflow the
+    # stack inside a server's close()).
+    queued = 3 * sys.getrecursionlimit()
+    for _ in range(queued):
+        rec.end_later(rec.begin(), "request", "/dropped/", "tests.dropped")
+    rec.end(rec.begin(), "request", "/closed/", "tests.closed")
+    totals = rec.totals()
+    assert totals["request", "/dropped/"].calls == queued
+    assert totals["request", "/closed/"].calls == 1
+    assert rec.in_flight == 0
 
 
 @pytest.mark.django_db(transaction=True)

@@ -411,13 +411,17 @@ class Recorder(Flushing, HeapTiming):
         Their memory is read now, not when they ended: their heap readings do not count.
         """
         late = self._late
+        queued = []
         while late:
             try:
-                call, kind, key, view = late.popleft()
+                queued.append(late.popleft())
             except IndexError:  # pragma: no cover - another thread took the last one
                 break
+        # Taken first, then ended: each end() finds the queue empty (unless a finaliser
+        # queued more meanwhile) and does not end the rest inside itself.
+        for call, kind, key, view in queued:
             call.alone_since = -1
-            self.end(call, kind, key, view)  # and what was queued meanwhile, if anything
+            self.end(call, kind, key, view)
 
     def end(
         self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
