@@ -523,10 +523,10 @@ class Recorder(Flushing, HeapTiming):
         self._last_heap, self._last_blocks = heap
         self._heap_in_flight = n - 1
         flushes = self._flushes
-        # A call that overlapped another (no other call began or ended since its heap reading,
-        # and none is in flight), or a flush, would be charged with a share of what they
-        # allocated and freed meanwhile (a database view in another thread opening a
-        # connection: hundreds of KiB): its reading is dropped.
+        # A call that overlapped another, or a flush, would be charged with a share of what
+        # they allocated and freed meanwhile (a database view in another thread opening a
+        # connection: hundreds of KiB): its reading counts only if it ran alone (no other call
+        # began or ended since its heap reading, and none is in flight) and no flush ran.
         if (
             in_flight == 1
             and call.alone_since == self._call_events
