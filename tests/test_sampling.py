@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 
 import pytest
 from django.test import Client
 
 from django_leakguard import memory, recorder, recorder_heap
-from django_leakguard.recorder import Recorder
+from django_leakguard.recorder import EarlyReading, Recorder
 from django_leakguard.recorder_process import get_recorder
 from django_leakguard.records import REQUEST
 from django_leakguard.reporting.model import BLOCK_BYTES, Row, Workers
@@ -60,9 +61,9 @@ def test_calls_that_never_run_alone_stop_reading(
     reads = []
     time_heap = rec._time_heap
 
-    def counted(spent: float = 0.0) -> tuple[int, int] | None:
+    def counted(spent: float = 0.0, collect: int = 0) -> tuple[int, int] | None:
         reads.append(1)
-        return time_heap(spent)
+        return time_heap(spent, collect)
 
     monkeypatch.setattr(rec, "_time_heap", counted)
     holder = rec.begin(read_heap=False)
@@ -85,6 +86,60 @@ def test_the_middleware_reads_per_key_once_the_url_is_resolved(rec: Recorder) ->
     # 39 calls past the warm-up, all early: the key's quota of early readings.
     assert totals[REQUEST, "/products/<int:pk>/"].heap_calls == recorder.MIN_READINGS
     assert totals[REQUEST, "/health/"].heap_calls == recorder.MIN_READINGS
+
+
+def test_a_reading_before_the_request_counts_for_the_key_the_call_had(rec: Recorder) -> None:
+    # The middleware guesses the key from the path's last call (before the URL is resolved):
+    # the reading counts for the key the call turns out to have.
+    call(rec, "/a/")  # warm-up calls
+    call(rec, "/b/")
+    reading = rec.read_heap_early(REQUEST, "/a/")
+    assert reading is not None
+    c = rec.begin_rss(reading)
+    assert c.heap_share is not None
+    assert c.collect == 1
+    rec.measure_heap(c, REQUEST, "/b/")
+    rec.end(c, REQUEST, "/b/")
+    assert rec.totals()[REQUEST, "/b/"].heap_calls == 1
+    readings = rec._readings_in(int(time.time()) // 3600)
+    assert readings[REQUEST, "/b/"] == [1, 0, 1, 0]  # early band: one reading, one try
+    assert (REQUEST, "/a/") not in readings
+
+
+def test_an_early_reading_is_dropped_when_another_call_came_between(rec: Recorder) -> None:
+    call(rec, "/a/")
+    reading = rec.read_heap_early(REQUEST, "/a/")
+    assert reading is not None
+    call(rec, "/other/")  # began and ended after the reading: it is not this call's alone
+    c = rec.begin_rss(reading)
+    assert c.heap_share is None
+    assert c.collect == 0
+    rec.measure_heap(c, REQUEST, "/a/")  # read once the URL is resolved instead
+    assert c.heap_share is not None
+    assert c.collect == 0
+    rec.end(c, REQUEST, "/a/")
+    assert rec.totals()[REQUEST, "/a/"].heap_calls == 1
+
+
+def test_no_early_reading_for_a_warm_up_call_or_beside_another_call(rec: Recorder) -> None:
+    assert rec.read_heap_early(REQUEST, "/new/") is None  # a key's first call reads nothing
+    call(rec, "/a/")
+    holder = rec.begin(read_heap=False)
+    assert rec.read_heap_early(REQUEST, "/a/") is None  # it would not run alone
+    rec.end(holder, REQUEST, "/holder/")
+    for _ in range(recorder.LATE_AFTER + recorder.MIN_READINGS):
+        call(rec, "/a/")
+    assert rec.read_heap_early(REQUEST, "/a/") is None  # enough readings (no budget here)
+    rec.discard()  # a fork or a discard() makes a reading taken before it stale
+    assert rec.begin_rss(reading_before_discard(rec)).heap_share is None
+
+
+def reading_before_discard(rec: Recorder) -> EarlyReading:
+    call(rec, "/c/")
+    reading = rec.read_heap_early(REQUEST, "/c/")
+    assert reading is not None
+    rec.discard()
+    return reading
 
 
 def test_small_objects_are_seen_as_blocks(rec: Recorder) -> None:

@@ -111,7 +111,30 @@ def queries(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"ok")
 
 
+class _Thing:
+    __slots__ = ("a",)  # one pymalloc block, and no free list of its own
+
+
+_kept_things: list[_Thing] = []
+
+
+def hangs_on_request(request: HttpRequest) -> HttpResponse:
+    # The lazy user refers back to the request: request and user are a reference cycle, and
+    # whatever the view hangs on the request lives until the collector frees it.
+    request.user.is_authenticated  # noqa: B018
+    request.things = [_Thing() for _ in range(60)]  # type: ignore[attr-defined]
+    return HttpResponse(b"ok")
+
+
+def keeps_things(request: HttpRequest) -> HttpResponse:
+    request.user.is_authenticated  # noqa: B018
+    _kept_things.extend(_Thing() for _ in range(40))
+    return HttpResponse(b"ok")
+
+
 urlpatterns = [
+    path("hangs-on-request/", hangs_on_request),
+    path("keeps-things/", keeps_things),
     path("page/", page),
     path("queries/", queries),
     path("page-and-leak/", page_and_leak),
@@ -232,6 +255,69 @@ def test_the_response_being_closed_is_not_kept(rec: Recorder) -> None:
     assert 7 * 1024 < leak.heap_growth / 10 < 9 * 1024
     assert abs(plain.blocks_growth) / 10 < 20
     _kept_with_page.clear()
+
+
+class _Forgetful(dict[int, str]):
+    """A path memo that never knows a path: every call reads the heap at process_view."""
+
+    def get(self, key: int, default: object = None) -> None:  # type: ignore[override]
+        return None
+
+
+@override_settings(
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["testserver"],
+    MIDDLEWARE=[
+        "django_leakguard.middleware.LeakGuardMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+    ],
+    SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
+)
+def test_what_a_view_hangs_on_its_request_is_not_kept(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read once the URL is resolved, the heap's first reading collected the youngest
+    # generation while the request existed: the request moved to the next one, and the end's
+    # collection could not free it with what the view hung on it (60 blocks a call kept).
+    # Read before Django makes the request (request_started), it is freed by the end.
+    gc.enable()  # the collector frees the cycle: what this test is about
+
+    def blocks_per_call(path_: str) -> float:
+        rec.discard()
+        for _ in range(20):
+            serve(path_, rec)
+        totals = rec.totals()[REQUEST, path_]
+        assert totals.heap_calls == 20
+        return totals.blocks_growth / 20
+
+    for path_ in ("/hangs-on-request/", "/keeps-things/"):
+        serve(path_, rec)  # its URL pattern is known from now on
+    hung = blocks_per_call("/hangs-on-request/")
+    kept = blocks_per_call("/keeps-things/")
+    assert abs(hung) < 15, hung
+    assert 25 < kept < 60, kept  # 40 objects of one block each, and the list growing
+    monkeypatch.setattr(middleware, "_path_keys", _Forgetful())
+    hung_at_view = blocks_per_call("/hangs-on-request/")
+    assert hung_at_view - hung > 30, (hung_at_view, hung)
+    _kept_things.clear()
+
+
+def test_a_request_path_s_pattern_is_remembered_by_hash_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(middleware, "_path_keys", {})
+    monkeypatch.setattr(middleware, "PATH_KEYS_MAX", 3)
+    request = HttpRequest()
+    request.path_info = "/items/17/"
+    middleware._remember_key(request, "/items/<int:pk>/")
+    # Never the raw path: a hash of it, with its digits made alike (/items/42/ is known too).
+    assert list(middleware._path_keys) == [middleware._path_hash("/items/42/")]
+    assert all(isinstance(key, int) for key in middleware._path_keys)
+    for n in range(10):
+        request.path_info = f"/page-{'abcdefghij'[n]}/"
+        middleware._remember_key(request, "/<slug>/")
+        assert len(middleware._path_keys) <= 3
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=True)

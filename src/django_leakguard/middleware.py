@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import Any
 from asgiref.sync import SyncToAsync, iscoroutinefunction, markcoroutinefunction
 from django.apps import apps
 from django.core.exceptions import MiddlewareNotUsed
+from django.core.signals import request_started
 from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 
@@ -40,6 +42,49 @@ TEARDOWN_WAITING_MAX = 1000
 # Where the request's executor is not freed once the handler returns, its call ends this many
 # seconds after the executor's shutdown.
 TEARDOWN_FALLBACK = 0.01
+
+
+# Heap readings taken before Django makes a request (see read_heap_early), for the thread's
+# next call, and which URL pattern a path had: (thread-local, so one per thread; bounded).
+_early = threading.local()
+_EARLY_UID = "django_leakguard.middleware.read_heap_early"
+_path_keys: dict[int, str] = {}
+PATH_KEYS_MAX = 1024
+# Paths that differ only in their numbers are usually one URL pattern (/items/17/, /items/42/).
+_SAME_DIGITS = str.maketrans("123456789", "000000000")
+
+
+def _path_hash(path: str) -> int:
+    # A hash, not the path: raw paths are never kept (they can carry personal data).
+    return hash(path.translate(_SAME_DIGITS))
+
+
+def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """request_started receiver: read the heap before Django makes the request, where the
+    URL pattern the path had last time needs readings (Recorder.read_heap_early).
+
+    Only under WSGI, where the signal comes in the thread that runs the request's middleware.
+    """
+    if environ is None:
+        return  # ASGI sends a scope, from another thread
+    try:
+        key = _path_keys.get(_path_hash(environ.get("PATH_INFO", "")))
+        if key is not None and recording():
+            _early.reading = get_recorder().read_heap_early(REQUEST, key)
+    except Exception:  # never fails a request
+        logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
+
+
+def _remember_key(request: HttpRequest, key: str) -> None:
+    """Note which URL pattern request's path has, for read_heap_early at its next request."""
+    try:
+        path = _path_hash(request.path_info)
+    except Exception:  # pragma: no cover - path_info is a str on every Django request
+        return
+    if _path_keys.get(path) != key:
+        if len(_path_keys) >= PATH_KEYS_MAX:
+            _path_keys.clear()  # many distinct paths (slugs): start again, bounded
+        _path_keys[path] = key
 
 
 def request_key(request: HttpRequest) -> tuple[str, str]:
@@ -269,6 +314,8 @@ class LeakGuardMiddleware:
             markcoroutinefunction(self)
             # Django would run a sync process_view in a thread: give it a coroutine.
             self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
+        else:
+            request_started.connect(read_heap_early, dispatch_uid=_EARLY_UID)
 
     def process_view(
         self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
@@ -278,6 +325,8 @@ class LeakGuardMiddleware:
         if measured is not None:
             key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
             measured[0].measure_heap(measured[1], REQUEST, key[0])
+            if not self.is_async:
+                _remember_key(request, key[0])
 
     async def _aprocess_view(
         self, request: HttpRequest, view: Callable[..., Any], args: Any, kwargs: Any
@@ -291,7 +340,8 @@ class LeakGuardMiddleware:
             response: HttpResponseBase = self.get_response(request)
             return response
         recorder = get_recorder()
-        call = recorder.begin_rss()
+        early = _early.__dict__.pop("reading", None)
+        call = recorder.begin_rss(early)
         request._leakguard = (recorder, call)  # type: ignore[attr-defined]
         try:
             response = self.get_response(request)

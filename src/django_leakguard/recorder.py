@@ -28,6 +28,7 @@ import time
 from collections import deque
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from typing import NamedTuple
 
 from django_leakguard import conf, memory, threads, tracing
 from django_leakguard.flusher import Flusher
@@ -216,8 +217,12 @@ class Recorder(Flushing, HeapTiming):
         except Exception:
             return self._begin_failed()
 
-    def begin_rss(self) -> Call:
-        """begin(read_heap=False), the middleware's: the heap is read once the key is known."""
+    def begin_rss(self, early: EarlyReading | None = None) -> Call:
+        """begin(read_heap=False), the middleware's: the heap is read once the key is known.
+
+        early: the heap reading read_heap_early() took for this call before Django made its
+        request; the call takes it as its first if no other call began or ended since.
+        """
         try:
             # The previous call's closing sample, when fresh (confirmed under the lock).
             rss = (
@@ -228,10 +233,23 @@ class Recorder(Flushing, HeapTiming):
             with self._lock:
                 if rss is None:
                     rss = memory.rss() if self._in_flight else self._last_rss
+                adopt = (
+                    early is not None
+                    and early.generation == self._generation
+                    and early.call_events == self._call_events
+                    and not self._in_flight
+                )
                 in_flight = self._join_rss(rss)
                 if self._worker.rss_first is None:
                     self._first_call(rss, None)
                 call = Call(self._generation, self._rss_share, None, self._flushes)
+                if adopt:
+                    call.heap_share = self._join_heap(early.heap)  # type: ignore[union-attr]
+                    call.blocks_share = self._blocks_share
+                    call.flushes = early.flushes  # type: ignore[union-attr]
+                    call.threads = early.threads  # type: ignore[union-attr]
+                    call.alone_since = self._call_events
+                    call.collect = 1
                 lost = self._sample(call, in_flight) if self._tracing else None
             if lost is not None:
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
@@ -282,23 +300,18 @@ class Recorder(Flushing, HeapTiming):
         key and hour (where few calls run alone), plus the budgeted share.
         """
         try:
-            if call.heap_share is not None or call.generation != self._generation:
+            if call.generation != self._generation:
+                return
+            if call.heap_share is not None:
+                if call.collect:  # read before its request existed: the key is known now
+                    self._count_early(call, kind, key)
                 return
             if not self._has_heap:
                 return  # pragma: no cover - CI has glibc >= 2.33
             name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
-            seen = self._key_calls.get(name)
-            if seen is None:
-                if len(self._key_calls) < WARM_KEYS_MAX:
-                    return  # the key's warm-up call
-                seen = 0  # past WARM_KEYS_MAX keys: no warm-up, every call early
-            late = seen >= LATE_AFTER
             hour = int(time.time()) // 3600
-            readings = self._readings_in(hour).get(name)
-            enough = readings is not None and (
-                readings[late] >= MIN_READINGS or readings[ATTEMPTS + late] >= MAX_ATTEMPTS
-            )
-            if enough and not self._reads_heap():
+            late = self._heap_band(name, hour)
+            if late is None:
                 return
             start = time.perf_counter()
             threads = memory.threads()
@@ -318,6 +331,58 @@ class Recorder(Flushing, HeapTiming):
                 self._tally(name, ATTEMPTS + late, hour)
         except Exception:
             self._errors.exception("LeakGuard could not read the heap during a call")
+
+    def _heap_band(self, name: tuple[str, str], hour: int) -> bool | None:
+        """Whether a call of name now is late (see LATE_AFTER), if it reads the heap; None if
+        it does not (see measure_heap)."""
+        seen = self._key_calls.get(name)
+        if seen is None:
+            if len(self._key_calls) < WARM_KEYS_MAX:
+                return None  # the key's warm-up call
+            seen = 0  # past WARM_KEYS_MAX keys: no warm-up, every call early
+        late = seen >= LATE_AFTER
+        readings = self._readings_in(hour).get(name)
+        enough = readings is not None and (
+            readings[late] >= MIN_READINGS or readings[ATTEMPTS + late] >= MAX_ATTEMPTS
+        )
+        if enough and not self._reads_heap():
+            return None
+        return late
+
+    def read_heap_early(self, kind: str, key: str) -> EarlyReading | None:
+        """Read the heap signals for the call about to begin, expected to be of key, if that
+        key needs them: before Django makes the request (request_started), with young
+        garbage collected up to generation 1, for begin_rss(early) to take.
+
+        Read at process_view instead, the request would already be there, and a collection
+        of the youngest generation would move it to the next: a view that hangs objects on it
+        (request.user refers back to the request) would keep them until some later call's
+        collection. Read here, the call's end collects generation 1 and frees them.
+        """
+        try:
+            if self._in_flight or not self._has_heap:
+                return None  # another call in flight: this one would not run alone
+            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            if self._heap_band(name, int(time.time()) // 3600) is None:
+                return None
+            generation, events, flushes = self._generation, self._call_events, self._flushes
+            threads = memory.threads()
+            heap = self._time_heap(collect=1)
+            if heap is None:
+                return None  # pragma: no cover - CI has glibc >= 2.33
+            threads = -1 if threads is None else threads
+            return EarlyReading(generation, events, flushes, heap, threads)
+        except Exception:
+            self._errors.exception("LeakGuard could not read the heap before a call")
+            return None
+
+    def _count_early(self, call: Call, kind: str, key: str) -> None:
+        """Count the early reading of call (see read_heap_early) for its key, now known."""
+        name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+        seen = self._key_calls.get(name)
+        call.late = seen is not None and seen >= LATE_AFTER
+        with self._lock:
+            self._tally(name, ATTEMPTS + call.late, int(time.time()) // 3600)
 
     def _readings_in(self, hour: int) -> dict[tuple[str, str], list[int]]:
         """The heap readings per key of this hour: [early, late, early tries, late tries]."""
@@ -506,7 +571,7 @@ class Recorder(Flushing, HeapTiming):
             self._wait_for_threads(call.threads)
         # What the caller frees right after (the response) is not kept by the call.
         held_heap, held_blocks = held_memory(held) if held else (0, 0)
-        heap = self._time_heap(time.perf_counter() - start)
+        heap = self._time_heap(time.perf_counter() - start, call.collect)
         return None if heap is None else (heap[0] - held_heap, heap[1] - held_blocks)
 
     def _join_end_heap(
@@ -557,6 +622,16 @@ class Recorder(Flushing, HeapTiming):
     def traced_call(self) -> Call | None:
         """The call being traced now, if any."""
         return self._traced
+
+
+class EarlyReading(NamedTuple):
+    """A heap reading taken before a call began (see Recorder.read_heap_early)."""
+
+    generation: int  # the recorder's, at the reading
+    call_events: int  # calls begun and ended by then: any since, and the reading is stale
+    flushes: int
+    heap: tuple[int, int]  # C heap in use, pymalloc blocks
+    threads: int  # the process's threads then (-1: not known)
 
 
 def _now() -> datetime:

@@ -11,6 +11,7 @@ class Call:
     __slots__ = (
         "alone_since",
         "blocks_share",
+        "collect",
         "flushes",
         "generation",
         "heap_share",
@@ -46,5 +47,9 @@ class Call:
         # The process's threads when the call read the heap (-1: not read, or not known): its
         # end waits briefly for the threads it started to be gone (see HeapTiming).
         self.threads = -1
+        # The garbage collector's generations its end's heap reading collects first: 1 for a
+        # call whose first reading came before Django made its request (see
+        # Recorder.read_heap_early), so that the request's reference cycles are freed by then.
+        self.collect = 0
         # The allocation trace of a sampled call; None for almost every call.
         self.trace: Trace | None = None

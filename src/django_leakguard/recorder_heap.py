@@ -93,18 +93,19 @@ class HeapTiming:
     _has_heap: bool
     _heap_cost: float  # moving average of one heap() reading, in seconds
 
-    def _time_heap(self, spent: float = 0.0) -> tuple[int, int] | None:
+    def _time_heap(self, spent: float = 0.0, collect: int = 0) -> tuple[int, int] | None:
         """Read the heap signals: C heap in use and pymalloc blocks, young garbage collected.
 
         Objects of the call that are only waiting for the cyclic collector (a request and its
         lazy user refer to each other) are freed first, so that they do not count as kept:
         a collection of the youngest generation, cheap since it holds a few hundred objects
         at most. A process that disabled the collector is left alone. spent: seconds the
-        caller spent on the reading already (held_memory), counted in its cost.
+        caller spent on the reading already (held_memory), counted in its cost. collect: the
+        oldest generation collected (1 around a call read from before its request existed).
         """
         start = time.perf_counter() - spent
         if gc.isenabled():
-            gc.collect(0)
+            gc.collect(collect)
         heap = memory.heap()
         if heap is None:
             return None  # pragma: no cover - CI has glibc >= 2.33
