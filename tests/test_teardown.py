@@ -9,6 +9,7 @@ import io
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -311,8 +312,12 @@ def test_a_request_path_s_pattern_is_remembered_by_hash_and_bounded(
     request = HttpRequest()
     request.path_info = "/items/17/"
     middleware._remember_key(request, "/items/<int:pk>/")
-    # Never the raw path: a hash of it, with its digits made alike (/items/42/ is known too).
+    # Never the raw path: a hash of it, with its digits made alike (/items/42/ is known too,
+    # and a UUID path like another).
     assert list(middleware._path_keys) == [middleware._path_hash("/items/42/")]
+    assert middleware._path_hash(f"/c/{uuid.uuid4()}/") == middleware._path_hash(
+        f"/c/{uuid.uuid4()}/"
+    )
     assert all(isinstance(key, int) for key in middleware._path_keys)
     for n in range(10):
         request.path_info = f"/page-{'abcdefghij'[n]}/"

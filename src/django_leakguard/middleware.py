@@ -50,13 +50,15 @@ _early = threading.local()
 _EARLY_UID = "django_leakguard.middleware.read_heap_early"
 _path_keys: dict[int, str] = {}
 PATH_KEYS_MAX = 1024
-# Paths that differ only in their numbers are usually one URL pattern (/items/17/, /items/42/).
-_SAME_DIGITS = str.maketrans("123456789", "000000000")
+# Paths that differ only in their numbers or hex digits are usually one URL pattern
+# (/items/17/ and /items/42/, a UUID and another): they are remembered as one. A guess that
+# lumps two patterns together (/bad/ and /fee/) only decides whether the call reads early.
+_HEX_ALIKE = str.maketrans("123456789abcdefABCDEF", "0" * 21)
 
 
 def _path_hash(path: str) -> int:
     # A hash, not the path: raw paths are never kept (they can carry personal data).
-    return hash(path.translate(_SAME_DIGITS))
+    return hash(path.translate(_HEX_ALIKE))
 
 
 def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
