@@ -325,6 +325,18 @@ def test_a_request_path_s_pattern_is_remembered_by_hash_and_bounded(
         assert len(middleware._path_keys) <= 3
 
 
+def test_no_early_reading_under_asgi(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Django's ASGI handler sends request_started with a scope, from another thread than the
+    # one its middleware runs in: the heap is read at process_view there.
+    monkeypatch.setattr(middleware, "_path_keys", {middleware._path_hash("/page/"): "/page/"})
+    middleware._early.__dict__.pop("reading", None)
+    middleware.read_heap_early(ASGIHandler, scope={"type": "http", "path": "/page/"})
+    assert getattr(middleware._early, "reading", None) is None
+    middleware.read_heap_early(WSGIHandler, environ={"PATH_INFO": "/page/"})
+    assert middleware._early.reading is not None
+    middleware._early.__dict__.pop("reading", None)
+
+
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=True)
 def test_queries_django_logs_with_debug_are_not_kept(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
