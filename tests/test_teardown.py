@@ -310,7 +310,7 @@ def test_a_request_path_s_pattern_is_remembered_by_hash_and_bounded(
     monkeypatch.setattr(middleware, "_path_keys", {})
     monkeypatch.setattr(middleware, "PATH_KEYS_MAX", 3)
     request = HttpRequest()
-    request.path_info = "/items/17/"
+    request.META = {"PATH_INFO": "/items/17/"}
     middleware._remember_key(request, "/items/<int:pk>/")
     # Never the raw path: a hash of it, with its digits made alike (/items/42/ is known too,
     # and a UUID path like another).
@@ -320,7 +320,7 @@ def test_a_request_path_s_pattern_is_remembered_by_hash_and_bounded(
     )
     assert all(isinstance(key, int) for key in middleware._path_keys)
     for n in range(10):
-        request.path_info = f"/page-{'abcdefghij'[n]}/"
+        request.META = {"PATH_INFO": f"/page-{'ghijklmnop'[n]}/"}
         middleware._remember_key(request, "/<slug>/")
         assert len(middleware._path_keys) <= 3
 
@@ -329,12 +329,20 @@ def test_no_early_reading_under_asgi(rec: Recorder, monkeypatch: pytest.MonkeyPa
     # Django's ASGI handler sends request_started with a scope, from another thread than the
     # one its middleware runs in: the heap is read at process_view there.
     monkeypatch.setattr(middleware, "_path_keys", {middleware._path_hash("/page/"): "/page/"})
-    middleware._early.__dict__.pop("reading", None)
+    monkeypatch.setattr(middleware, "_early", None)
     middleware.read_heap_early(ASGIHandler, scope={"type": "http", "path": "/page/"})
-    assert getattr(middleware._early, "reading", None) is None
+    assert middleware._early is None
     middleware.read_heap_early(WSGIHandler, environ={"PATH_INFO": "/page/"})
-    assert middleware._early.reading is not None
-    middleware._early.__dict__.pop("reading", None)
+    assert middleware._early is not None
+    # Taken by the thread it was read for only (another thread's call would not run alone).
+    taken: list[object] = []
+    thread = threading.Thread(target=lambda: taken.append(middleware._take_early()))
+    thread.start()
+    thread.join()
+    assert taken == [None]
+    assert middleware._early is None  # and dropped
+    middleware.read_heap_early(WSGIHandler, environ={"PATH_INFO": "/page/"})
+    assert middleware._take_early() is not None
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=True)
