@@ -142,6 +142,30 @@ def reading_before_discard(rec: Recorder) -> EarlyReading:
     return reading
 
 
+def test_a_call_decided_before_its_request_is_not_decided_again(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once a path's pattern is known, the decision to read is made at request_started: a
+    # call it decided against reads nothing at process_view either (one draw of the budget).
+    client = Client()
+    for _ in range(40):
+        client.get("/health/")
+    totals = rec.totals()[REQUEST, "/health/"]
+    assert totals.heap_calls == recorder.MIN_READINGS  # the early band's quota, as before
+    decided_at_view: list[str] = []
+    measure_heap = rec.measure_heap
+
+    def counted(call: object, kind: str, key: str) -> None:
+        decided_at_view.append(key)
+        measure_heap(call, kind, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rec, "measure_heap", counted)
+    for _ in range(5):
+        client.get("/health/")
+    assert decided_at_view == []
+    assert rec.totals()[REQUEST, "/health/"].heap_calls == recorder.MIN_READINGS
+
+
 def test_small_objects_are_seen_as_blocks(rec: Recorder) -> None:
     def keep_small() -> None:
         # Short strings: new pymalloc blocks every time (tuples and floats may come from

@@ -339,10 +339,12 @@ def test_no_early_reading_under_asgi(rec: Recorder, monkeypatch: pytest.MonkeyPa
     thread = threading.Thread(target=lambda: taken.append(middleware._take_early()))
     thread.start()
     thread.join()
-    assert taken == [None]
+    assert taken == [(None, None)]
     assert middleware._early is None  # and dropped
     middleware.read_heap_early(WSGIHandler, environ={"PATH_INFO": "/page/"})
-    assert middleware._take_early() is not None
+    reading, decided = middleware._take_early()
+    assert reading is not None
+    assert decided == "/page/"
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=True)

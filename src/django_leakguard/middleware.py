@@ -48,7 +48,7 @@ TEARDOWN_FALLBACK = 0.01
 # it is for: one at a time, since it is taken only while no call is in flight; a module
 # global, which the request path reads far faster than a thread-local. And which URL
 # pattern a path had (bounded).
-_early: tuple[int, EarlyReading] | None = None
+_early: tuple[int, EarlyReading | None, str] | None = None
 _EARLY_UID = "django_leakguard.middleware.read_heap_early"
 _path_keys: dict[int, str] = {}
 PATH_KEYS_MAX = 1024
@@ -79,20 +79,20 @@ def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwa
     try:
         key = _path_keys.get(_path_hash(environ.get("PATH_INFO", "")))
         if key is not None and recording():
-            reading = get_recorder().read_heap_early(REQUEST, key)
-            if reading is not None:
-                _early = (threading.get_ident(), reading)
+            # Also when it reads nothing: the call's decision is made (see process_view).
+            _early = (threading.get_ident(), get_recorder().read_heap_early(REQUEST, key), key)
     except Exception:  # never fails a request
         logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
 
 
-def _take_early() -> EarlyReading | None:
-    """Take the heap reading read_heap_early took for this thread's call, if any."""
+def _take_early() -> tuple[EarlyReading | None, str | None]:
+    """Take what read_heap_early decided for this thread's call: its reading if it took one,
+    and the URL pattern it decided for."""
     global _early
     early, _early = _early, None
     if early is None or early[0] != threading.get_ident():
-        return None  # another thread's: stale by now (see Recorder.begin_rss)
-    return early[1]
+        return None, None  # another thread's: stale by now (see Recorder.begin_rss)
+    return early[1], early[2]
 
 
 def _remember_key(request: HttpRequest, key: str) -> None:
@@ -345,9 +345,11 @@ class LeakGuardMiddleware:
         measured = getattr(request, "_leakguard", None)
         if measured is not None:
             key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
-            call = measured[1]
+            recorder, call, decided = measured
+            if decided == key[0] and call.heap_share is None:
+                return  # read_heap_early decided for this pattern: no reading this time
             early = call.collect
-            measured[0].measure_heap(call, REQUEST, key[0])
+            recorder.measure_heap(call, REQUEST, key[0])
             if not early and call.heap_share is not None and not self.is_async:
                 # Read here, not before the request: its path's pattern was not known then.
                 _remember_key(request, key[0])
@@ -364,8 +366,9 @@ class LeakGuardMiddleware:
             response: HttpResponseBase = self.get_response(request)
             return response
         recorder = get_recorder()
-        call = recorder.begin_rss(None if _early is None else _take_early())
-        request._leakguard = (recorder, call)  # type: ignore[attr-defined]
+        early, decided = (None, None) if _early is None else _take_early()
+        call = recorder.begin_rss(early)
+        request._leakguard = (recorder, call, decided)  # type: ignore[attr-defined]
         try:
             response = self.get_response(request)
         except BaseException:
@@ -379,7 +382,7 @@ class LeakGuardMiddleware:
             return response
         recorder = get_recorder()
         call = recorder.begin_rss()
-        request._leakguard = (recorder, call)  # type: ignore[attr-defined]
+        request._leakguard = (recorder, call, None)  # type: ignore[attr-defined]
         try:
             response = await self.get_response(request)
         except BaseException:  # CancelledError too: the client disconnected during the view
