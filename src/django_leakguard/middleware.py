@@ -15,7 +15,7 @@ from asgiref.sync import SyncToAsync, iscoroutinefunction, markcoroutinefunction
 from django.apps import apps
 from django.core.exceptions import MiddlewareNotUsed
 from django.core.signals import request_started
-from django.db import connections
+from django.db import connections, reset_queries
 from django.http import HttpRequest, HttpResponseBase
 
 from django_leakguard import conf, memory, refine
@@ -80,7 +80,10 @@ def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwa
         key = _path_keys.get(_path_hash(environ.get("PATH_INFO", "")))
         if key is not None and recording():
             # Also when it reads nothing: the call's decision is made (see process_view).
-            _early = (threading.get_ident(), get_recorder().read_heap_early(REQUEST, key), key)
+            # Django's reset_queries() frees the queries logged with DEBUG at request_started
+            # too, maybe after this receiver: done first, so they are not freed in the call.
+            reading = get_recorder().read_heap_early(REQUEST, key, reset_queries)
+            _early = (threading.get_ident(), reading, key)
     except Exception:  # never fails a request
         logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
 
@@ -346,7 +349,7 @@ class LeakGuardMiddleware:
         if measured is not None:
             key = request._leakguard_key = request_key(request)  # type: ignore[attr-defined]
             recorder, call, decided = measured
-            if decided == key[0] and call.heap_share is None:
+            if decided == key[0] and call.heap_share is None and call.trace is None:
                 return  # read_heap_early decided for this pattern: no reading this time
             early = call.collect
             recorder.measure_heap(call, REQUEST, key[0])

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import NamedTuple
@@ -243,14 +244,16 @@ class Recorder(Flushing, HeapTiming):
                 if self._worker.rss_first is None:
                     self._first_call(rss, None)
                 call = Call(self._generation, self._rss_share, None, self._flushes)
-                if adopt:
+                lost = self._sample(call, in_flight) if self._tracing else None
+                # A traced call reads the heap once tracing runs (process_view): tracemalloc's
+                # own tables, made after an early reading, would count as the call's.
+                if adopt and call.trace is None:
                     call.heap_share = self._join_heap(early.heap)  # type: ignore[union-attr]
                     call.blocks_share = self._blocks_share
                     call.flushes = early.flushes  # type: ignore[union-attr]
                     call.threads = early.threads  # type: ignore[union-attr]
                     call.alone_since = self._call_events
                     call.collect = 1
-                lost = self._sample(call, in_flight) if self._tracing else None
             if lost is not None:
                 lost.discard()  # outside the lock: stopping tracemalloc frees every trace
             return call
@@ -349,7 +352,9 @@ class Recorder(Flushing, HeapTiming):
             return None
         return late
 
-    def read_heap_early(self, kind: str, key: str) -> EarlyReading | None:
+    def read_heap_early(
+        self, kind: str, key: str, before: Callable[[], object] | None = None
+    ) -> EarlyReading | None:
         """Read the heap signals for the call about to begin, expected to be of key, if that
         key needs them: before Django makes the request (request_started), with young
         garbage collected up to generation 1, for begin_rss(early) to take.
@@ -358,6 +363,8 @@ class Recorder(Flushing, HeapTiming):
         of the youngest generation would move it to the next: a view that hangs objects on it
         (request.user refers back to the request) would keep them until some later call's
         collection. Read here, the call's end collects generation 1 and frees them.
+        before: called first when it reads (what other request_started receivers free, done
+        before the reading whatever their order).
         """
         try:
             if self._in_flight or not self._has_heap:
@@ -365,6 +372,8 @@ class Recorder(Flushing, HeapTiming):
             name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
             if self._heap_band(name, int(time.time()) // 3600) is None:
                 return None
+            if before is not None:
+                before()
             generation, events, flushes = self._generation, self._call_events, self._flushes
             threads = memory.threads()
             heap = self._time_heap(collect=1)
