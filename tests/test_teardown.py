@@ -350,6 +350,15 @@ def test_no_early_reading_under_asgi(rec: Recorder, monkeypatch: pytest.MonkeyPa
     reading, decided = middleware._take_early()
     assert reading is not None
     assert decided == "/page/"
+    # Not inside an allocation trace around the request (leakhunt's replays).
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        middleware.read_heap_early(WSGIHandler, environ={"PATH_INFO": "/page/"})
+    finally:
+        tracemalloc.stop()
+    assert middleware._early is None
 
 
 @override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DEBUG=True)

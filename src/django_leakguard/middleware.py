@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import tracemalloc
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -74,8 +75,12 @@ def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwa
     Only under WSGI, where the signal comes in the thread that runs the request's middleware.
     """
     global _early
-    if environ is None or not _path_keys:
-        return  # ASGI sends a scope, from another thread; or no path is known yet
+    if environ is None or not _path_keys or tracemalloc.is_tracing():
+        # ASGI sends a scope, from another thread; or no path is known yet; or an allocation
+        # trace runs around the request (leakhunt's replays, a profiler): the reading's
+        # collection would move what the trace's caller made before the request to the
+        # oldest generation, where the trace's own collection would no longer free it.
+        return
     try:
         key = _path_keys.get(_path_hash(environ.get("PATH_INFO", "")))
         if key is not None and recording():
