@@ -7,6 +7,7 @@ import random
 import sys
 import threading
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,8 +62,11 @@ def test_retain_view_traced_within_ten_percent_and_blamed_on_its_line(client: Cl
     for _ in range(3):  # first calls fill caches (URL resolving, lazy imports)
         client.get("/leak/retain/")
     # The leak is 64 KiB plus, now and then, the list's own pointer array when it grows (it
-    # holds every block earlier tests kept): that growth is retained too.
+    # holds every block earlier tests kept): that growth is retained too. So is the test
+    # client's own: each request connects Django's close_old_connections again, and each
+    # connection leaves a weakref.finalize in a registry that grows now and then (75 KiB once).
     list_before = sys.getsizeof(views._retained)
+    registry_before = sys.getsizeof(weakref.finalize._registry)  # type: ignore[attr-defined]
     trace = tracing.start_trace()
     assert trace is not None
     assert tracemalloc.is_tracing()
@@ -72,6 +76,7 @@ def test_retain_view_traced_within_ten_percent_and_blamed_on_its_line(client: Cl
     result = trace.stop(top_n=5)
     assert not tracemalloc.is_tracing()
     leak = views.RETAIN_BYTES + sys.getsizeof(views._retained) - list_before
+    leak += sys.getsizeof(weakref.finalize._registry) - registry_before  # type: ignore[attr-defined]
 
     assert result is not None
     assert abs(result.retained - leak) <= 0.10 * views.RETAIN_BYTES, result
