@@ -287,14 +287,22 @@ def _no_control_socket() -> list[str]:
 
 
 def uwsgi_command(
-    module: str, port: int, *, ini: Path | None = None, extra: Sequence[str] = ()
+    module: str,
+    port: int,
+    *,
+    ini: Path | None = None,
+    extra: Sequence[str] = (),
+    http: str = "--http-socket",
 ) -> list[str]:
-    """Return a uWSGI command line serving module over HTTP on port, with a master."""
+    """Return a uWSGI command line serving module over HTTP on port, with a master.
+
+    http: --http-socket (the workers parse HTTP) or --http (uWSGI's HTTP router in front).
+    """
     command = [str(BIN / "uwsgi")]
     if ini is not None:
         command += ["--ini", str(ini)]
     command += [
-        "--http-socket",
+        http,
         f"127.0.0.1:{port}",
         "--module",
         module,

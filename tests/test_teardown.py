@@ -263,6 +263,35 @@ def test_the_response_being_closed_is_not_kept(rec: Recorder) -> None:
     _kept_with_page.clear()
 
 
+@override_settings(ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"])
+def test_under_uwsgi_s_after_request_hook_a_call_ends_there(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uWSGI calls the hook once it has freed the request (tests/test_uwsgi.py runs the real
+    # server); here it is called as uWSGI would, after the close.
+    monkeypatch.setattr(middleware, "after_request_hooked", True)
+    freed_after_close = bytearray(64 * 1024)  # a server's buffer for the request
+    serve("/page/", rec)
+    assert rec.in_flight == 1  # closed, not ended yet
+    del freed_after_close
+    middleware.end_after_request()
+    assert rec.in_flight == 0
+    totals = rec.totals()[REQUEST, "/page/"]
+    assert totals.calls == totals.heap_calls == 1
+    assert totals.heap_growth < -32 * 1024  # read after the server's buffer was freed
+    middleware.end_after_request()  # nothing closed since: nothing happens
+    assert rec.totals()[REQUEST, "/page/"].calls == 1
+
+    # A response closed where no hook follows (not a uWSGI request) ends at the next close.
+    serve("/page/", rec)
+    serve("/page/", rec)
+    assert rec.in_flight == 1
+    assert rec.totals()[REQUEST, "/page/"].calls == 2
+    middleware.end_after_request()
+    assert rec.in_flight == 0
+    assert rec.totals()[REQUEST, "/page/"].calls == 3
+
+
 class _Forgetful(dict[int, str]):
     """A path memo that never knows a path: every call reads the heap at process_view."""
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import sys
 import textwrap
@@ -38,6 +39,38 @@ def test_install_chains_an_existing_atexit(monkeypatch: pytest.MonkeyPatch) -> N
     from django.core.signals import request_started
 
     assert request_started.disconnect(dispatch_uid="django_leakguard.uwsgi.register_c_atexit")
+
+
+@pytest.mark.parametrize(
+    ("options", "hooked"),
+    [({"socket": b":3031"}, True), ({"http-socket": b":8000"}, False), (None, False)],
+)
+def test_install_ends_calls_in_the_after_request_hook_chaining_one(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, bytes] | None, hooked: bool
+) -> None:
+    from django.core.signals import request_started
+
+    from django_leakguard import middleware
+
+    fake = types.ModuleType("uwsgi")  # a stand-in, as above
+    if options is not None:
+        fake.opt = options  # type: ignore[attr-defined]
+    calls: list[str] = []
+    fake.after_req_hook = lambda: calls.append("previous")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    monkeypatch.setattr(leakguard_uwsgi, "flush_at_exit", lambda: None)
+    monkeypatch.setattr(middleware, "end_after_request", lambda: calls.append("end"))
+    try:
+        assert leakguard_uwsgi.install() is True
+        hook = fake.after_req_hook  # type: ignore[attr-defined]
+        assert leakguard_uwsgi.install() is True
+        assert fake.after_req_hook is hook  # type: ignore[attr-defined]  # wrapped once
+        hook()
+        # A worker that parses HTTP itself frees its parser's buffer before the hook as well,
+        # allocated before the call began: there calls end at the close.
+        assert calls == (["previous", "end"] if hooked else ["previous"])
+    finally:
+        request_started.disconnect(dispatch_uid="django_leakguard.uwsgi.register_c_atexit")
 
 
 @pytest.mark.parametrize("worker_id", [None, 0])
@@ -315,3 +348,61 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
 def _get_ignoring_errors(url: str, statuses: list[int]) -> None:
     with contextlib.suppress(Exception):  # the worker is stopped during the request
         statuses.append(servers.get(url, timeout=10)[0])
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("http", ["--http", "--http-socket"])
+def test_a_call_ends_once_uwsgi_has_freed_its_request(tmp_path: Path, http: str) -> None:
+    # uWSGI frees a request's response headers' buffer (4 KiB of C heap) after the response's
+    # close(): a call that ended there counted it as kept, every call under uWSGI. Behind its
+    # HTTP router the call ends in uWSGI's after-request hook instead. A worker that parses
+    # HTTP itself also frees there its parser's buffer, allocated before the request began:
+    # there the call still ends at the close (ended at the hook, it counted -4,112 B a call).
+    database = tmp_path / "db.sqlite3"
+    env = servers.project_env(database, LEAKGUARD_FLUSH_INTERVAL=3600)  # written at the stop
+    servers.migrate(env)
+    port = servers.free_port()
+    command = servers.uwsgi_command(
+        "testproject.wsgi:application",
+        port,
+        extra=["--processes", "1", "--disable-logging"],
+        http=http,
+    )
+    with servers.running(
+        "uwsgi",
+        command,
+        env=env,
+        log_path=tmp_path / "uwsgi.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/products/0/"),
+    ) as server:
+        for n in range(1, 301):
+            assert servers.get(server.url(f"/products/{n}/"))[0] == 200
+        for _ in range(20):
+            assert servers.get(server.url("/leak/retain/"))[0] == 200
+        server.stop()
+    output = servers.manage(
+        env,
+        "shell",
+        "-c",
+        "import json\n"
+        "from django.db.models import Sum\n"
+        "from django_leakguard.models import Growth\n"
+        "rows = Growth.objects.values('key').annotate("
+        "n=Sum('heap_calls'), heap=Sum('heap_growth'))\n"
+        "print(json.dumps({row['key']: [row['n'], row['heap']] for row in rows}))",
+    )
+    stored = json.loads(output.strip().splitlines()[-1])
+    readings, heap = stored["/products/<int:pk>/"]
+    assert readings >= 20, stored
+    per_call = heap / readings
+    print(f"{http}: {per_call:.0f} B of heap a call kept by a view that keeps nothing")
+    # A view that keeps nothing: well under the 4,160 B the headers' buffer added.
+    if http == "--http":  # a view that keeps nothing: well under the headers' 4,160 B
+        assert -1024 < per_call < 2048, stored
+    else:  # the headers' buffer is still counted; nothing is counted as freed
+        assert 2048 < per_call < 8192, stored
+    readings, heap = stored["/leak/retain/"]
+    assert readings >= 5, stored
+    print(f"{http}: {heap / readings:.0f} B a call kept by a 65,536 B leak")
+    assert heap / readings > 60_000, stored  # the leak is still seen: 64 KiB a call

@@ -184,16 +184,20 @@ class _EndAtClose:
             self._close = _closed
             call, self._call = self._call, None
             context, self._context = self._context, None
-            if call is not None and (
-                context is None
-                or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
+            if call is None:
+                pass
+            elif context is not None:
+                if not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
                     context
-                )
-            ):
-                held: tuple[object, ...] = () if response is None else (response,)
-                if call.heap_share is not None or call.trace is not None:
-                    held += logged_queries()
-                self._recorder.end(call, REQUEST, self._key, self._view, held)
+                ):
+                    _end_closed(self._recorder, call, self._key, self._view, response)
+            elif after_request_hooked:
+                earlier = getattr(_after_request, "closed", None)
+                _after_request.closed = (self._recorder, call, self._key, self._view)
+                if earlier is not None:  # closed without a request around it
+                    _end_closed(*earlier)
+            else:
+                _end_closed(self._recorder, call, self._key, self._view, response)
 
     def __del__(self) -> None:
         call = self._call
@@ -205,6 +209,33 @@ class _EndAtClose:
 
 def _closed() -> None:
     return None
+
+
+def _end_closed(
+    recorder: Recorder, call: Call, key: str, view: str, response: object | None = None
+) -> None:
+    held: tuple[object, ...] = () if response is None else (response,)
+    if call.heap_share is not None or call.trace is not None:
+        held += logged_queries()
+    recorder.end(call, REQUEST, key, view, held)
+
+
+# uWSGI frees what it kept for a request (its response headers' buffer: 4 KiB of C heap)
+# after the response's close(), then calls its after-request hook (uwsgi.after_req_hook, see
+# uwsgi.install). Once that hook has run in this process, a call closed in a thread ends
+# there, its request torn down; until then, at its close.
+_after_request = threading.local()
+after_request_hooked = False
+
+
+def end_after_request() -> None:
+    """uWSGI's after-request hook: end the call this thread closed, now its request is gone."""
+    global after_request_hooked
+    after_request_hooked = True
+    closed = getattr(_after_request, "closed", None)
+    if closed is not None:
+        _after_request.closed = None
+        _end_closed(*closed)
 
 
 def logged_queries() -> tuple[object, ...]:

@@ -1,4 +1,4 @@
-"""uWSGI integration: flush the recorder when a worker exits.
+"""uWSGI integration: flush the recorder when a worker exits; end calls after teardown.
 
 uWSGI calls uwsgi.atexit in a worker that exits, unless the worker is inside a request when it
 is told to stop (a SIGINT or SIGTERM from the master at a stop, or from an operator): then its
@@ -136,6 +136,59 @@ def _register_at_first_request(**kwargs: object) -> None:
             register_c_atexit()
 
 
+# Options under which a worker may parse requests in a buffer of its own (core/uwsgi.c), or
+# which choose a protocol for --socket.
+_PARSER_BUFFER_OPTIONS = frozenset(
+    {
+        "http-socket",
+        "http11-socket",
+        "https-socket",
+        "fastcgi-socket",
+        "fastcgi-nph-socket",
+        "scgi-socket",
+        "scgi-nph-socket",
+        "protocol",
+        "socket-protocol",
+        "shared-socket",
+        "undeferred-shared-socket",
+    }
+)
+
+
+def _hook_after_request(uwsgi: ModuleType) -> None:
+    """End each call after uWSGI has torn its request down (uwsgi.after_req_hook).
+
+    uWSGI's Python plugin reads the hook once its applications are loaded (python_plugin.c,
+    uwsgi_python_init_apps) and calls it after each request is closed and freed
+    (wsgi_handlers.c, uwsgi_after_request_wsgi): a call that ended at the response's close()
+    counted the response headers' buffer uWSGI frees right after (4 KiB a call) as kept.
+    Set later than that, the hook is never called and calls end at their close, as before.
+
+    Not where a worker parses HTTP, FastCGI or SCGI itself: it frees its parser's buffer
+    (buffer-size, 4 KiB) before the hook too, but allocated it before the request began, so
+    each call would count 4 KiB freed (a leak under 4 KiB a call would vanish). Behind its
+    HTTP router (--http) or a web server speaking the uwsgi protocol (--socket), it has none.
+    """
+    from django_leakguard.middleware import end_after_request
+
+    options = getattr(uwsgi, "opt", None)
+    if not isinstance(options, dict) or any(name in _PARSER_BUFFER_OPTIONS for name in options):
+        return
+    previous: Callable[[], object] | None = getattr(uwsgi, "after_req_hook", None)
+    if previous is not None and getattr(previous, _MARK, False):
+        return
+
+    def after_req_hook() -> None:
+        try:
+            if previous is not None:
+                previous()  # the project's own first: what it frees is not the call's
+        finally:
+            end_after_request()
+
+    setattr(after_req_hook, _MARK, True)
+    setattr(uwsgi, "after_req_hook", after_req_hook)  # noqa: B010  (read by uWSGI)
+
+
 def install() -> bool:
     """Make uWSGI flush the recorder at worker exit: uwsgi.atexit (chaining an existing one),
     and the C library's atexit() for a worker stopped during a request.
@@ -150,6 +203,7 @@ def install() -> bool:
     request_started.connect(
         _register_at_first_request, dispatch_uid="django_leakguard.uwsgi.register_c_atexit"
     )
+    _hook_after_request(uwsgi)
     previous: Callable[[], object] | None = getattr(uwsgi, "atexit", None)
     if previous is not None and getattr(previous, _MARK, False):
         return True
