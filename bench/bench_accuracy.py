@@ -35,7 +35,7 @@ CONN_SCENARIO = "conn-max-age-0"
 CHOICES = (*harness.SETUPS, CONN_SCENARIO)
 # Targets: every run clean on these; on gthread, clean in two runs of three and never more
 # than one non-leak above a leak.
-STRICT = ("gunicorn-sync", "uwsgi", "uvicorn", "celery")
+STRICT = ("gunicorn-sync", "uwsgi", "uwsgi-router", "uvicorn", "celery")
 DB_LEAK_BYTES = 48 * 1024
 DB_VIEW_LIMIT = 4 * 1024
 

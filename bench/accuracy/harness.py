@@ -51,6 +51,7 @@ SETUPS = {
         Setup("gunicorn-gthread", "Gunicorn gthread, 2 workers x 4 threads, 4 clients", 4,
               threads=4),
         Setup("uwsgi", "uWSGI, 2 processes, enable-threads, 2 clients", 2),
+        Setup("uwsgi-router", "uWSGI behind its HTTP router (--http), as uwsgi, 2 clients", 2),
         Setup("uvicorn", "Gunicorn with uvicorn_worker.UvicornWorker, 2 workers, 2 clients", 2),
         Setup("celery", "Celery prefork, concurrency 2, tasks sent through Redis", 0,
               tasks=True),
@@ -252,7 +253,7 @@ def _run_http(setup: Setup, env: dict[str, str], plan: Plan, workdir: Path) -> t
     ready_gunicorn = lambda server: server.wait_for_log(  # noqa: E731
         r"django-leakguard: worker \d+", count=WORKERS
     )
-    if setup.name == "uwsgi":
+    if setup.name in ("uwsgi", "uwsgi-router"):
         snippet = manage(env, "leakguard_config", "uwsgi", "--processes", str(WORKERS))
         ini = workdir / "uwsgi.ini"
         # uWSGI never recycles a worker younger than min-worker-lifetime (10 s by default).
@@ -260,11 +261,14 @@ def _run_http(setup: Setup, env: dict[str, str], plan: Plan, workdir: Path) -> t
             f"{snippet}\nprocesses = {WORKERS}\nmin-worker-lifetime = 0\nenable-threads = true\n"
             "disable-logging = true\n"
         )
-        command = servers.uwsgi_command("accuracysite.wsgi:application", port, ini=ini)
+        # --http-socket: the workers parse HTTP; --http: uWSGI's router does, as a web server
+        # speaking the uwsgi protocol (--socket) would.
+        http = "--http" if setup.name == "uwsgi-router" else "--http-socket"
+        command = servers.uwsgi_command("accuracysite.wsgi:application", port, ini=ini, http=http)
         ready = lambda server: server.wait_for_http("/api/ping/")  # noqa: E731
         probes = 1
         # "spawned uWSGI worker 1 (pid: 10)", "Respawned uWSGI worker 1 (new pid: 12)"
-        booted = r"pid: (\d+)\)"
+        booted = r"uWSGI worker \d+ \((?:new )?pid: (\d+)\)"
     else:
         app, worker_class = "accuracysite.wsgi", "sync"
         if setup.name == "gunicorn-gthread":
