@@ -20,7 +20,7 @@ from django.db import connections, reset_queries
 from django.http import HttpRequest, HttpResponseBase
 
 from django_leakguard import conf, memory, refine
-from django_leakguard.recorder import EarlyReading, Recorder
+from django_leakguard.recorder import Closing, EarlyReading, Recorder
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_process import get_recorder, recording
 from django_leakguard.records import REQUEST, UNMATCHED, route_key
@@ -190,14 +190,17 @@ class _EndAtClose:
                 if not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
                     context
                 ):
-                    _end_closed(self._recorder, call, self._key, self._view, response)
+                    self._recorder.end(call, REQUEST, self._key, self._view, _held(call, response))
             elif after_request_hooked:
+                closing = None
+                if call.heap_share is not None or call.trace is not None:
+                    closing = self._recorder.close_reading(call, self._key, _held(call, response))
                 earlier = getattr(_after_request, "closed", None)
-                _after_request.closed = (self._recorder, call, self._key, self._view)
+                _after_request.closed = (self._recorder, call, self._key, self._view, closing)
                 if earlier is not None:  # closed without a request around it
-                    _end_closed(*earlier)
+                    _end_after_close(*earlier)
             else:
-                _end_closed(self._recorder, call, self._key, self._view, response)
+                self._recorder.end(call, REQUEST, self._key, self._view, _held(call, response))
 
     def __del__(self) -> None:
         call = self._call
@@ -211,21 +214,27 @@ def _closed() -> None:
     return None
 
 
-def _end_closed(
-    recorder: Recorder, call: Call, key: str, view: str, response: object | None = None
-) -> None:
+def _held(call: Call, response: object | None) -> tuple[object, ...]:
+    """What the server frees right after the close: not kept by the call (see Recorder.end)."""
     held: tuple[object, ...] = () if response is None else (response,)
     if call.heap_share is not None or call.trace is not None:
         held += logged_queries()
-    recorder.end(call, REQUEST, key, view, held)
+    return held
 
 
 # uWSGI frees what it kept for a request (its response headers' buffer: 4 KiB of C heap)
 # after the response's close(), then calls its after-request hook (uwsgi.after_req_hook, see
 # uwsgi.install). Once that hook has run in this process, a call closed in a thread ends
-# there, its request torn down; until then, at its close.
+# there, its C heap read once its request is torn down (see Recorder.close_reading); until
+# then, at its close.
 _after_request = threading.local()
 after_request_hooked = False
+
+
+def _end_after_close(
+    recorder: Recorder, call: Call, key: str, view: str, closing: Closing | None
+) -> None:
+    recorder.end(call, REQUEST, key, view, closing=closing)
 
 
 def end_after_request() -> None:
@@ -235,7 +244,7 @@ def end_after_request() -> None:
     closed = getattr(_after_request, "closed", None)
     if closed is not None:
         _after_request.closed = None
-        _end_closed(*closed)
+        _end_after_close(*closed)
 
 
 def logged_queries() -> tuple[object, ...]:

@@ -41,6 +41,9 @@ from django_leakguard.tracing import Trace
 from django_leakguard.tracing_baseline import Baseline
 from django_leakguard.tracing_records import TraceResult
 
+# What close_reading() read at a response's close: the call's trace result and heap reading.
+Closing = tuple[TraceResult | None, tuple[int, int] | None]
+
 # Keys whose first (warm-up) call is left out of the heap signal; past it, none is left out.
 WARM_KEYS_MAX = 4096
 # Heap readings a key gets in each band and hour before only a budgeted share of its calls
@@ -497,23 +500,59 @@ class Recorder(Flushing, HeapTiming):
             call.alone_since = -1
             self.end(call, kind, key, view)
 
+    def close_reading(self, call: Call, key: str, held: tuple[object, ...] = ()) -> Closing:
+        """Stop call's trace and read the heap as its end would; end(closing=...) takes them.
+
+        For a call that ends a little after its response's close: under uWSGI, in its
+        after-request hook, once uWSGI has freed what it kept for the request (the 4 KiB
+        buffer of the response's headers), C heap that end() reads again then. Before that
+        hook uWSGI also clears the request's environ, strings made before the call began:
+        the small objects (pymalloc blocks) are counted from this reading, taken while the
+        response (held) still exists.
+        """
+        try:
+            trace = call.trace
+            result = None if trace is None else self._end_trace(call, trace, key, held)
+            if call.heap_share is None or call.generation != self._generation:
+                return result, None
+            return result, self._end_heap(call, held)
+        except Exception:
+            self._errors.exception("LeakGuard could not record a call")
+            return None, None
+
     def end(
-        self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
+        self,
+        call: Call,
+        kind: str,
+        key: str,
+        view: str = "",
+        held: tuple[object, ...] = (),
+        closing: Closing | None = None,
     ) -> None:
         """Sample memory, attribute the change, and add the call to its key's totals.
 
         held: what the call's caller still refers to and frees right after (the response
-        being closed): a traced call does not count it as retained.
+        being closed): a traced call does not count it as retained. closing: what
+        close_reading() read at the response's close, if it did.
         """
         if self._late:
             self._end_late()
         try:
-            trace = call.trace
-            # Before the memory probes: the snapshot's own allocations are freed by then.
-            result = None if trace is None else self._end_trace(call, trace, key, held)
+            if closing is None:
+                trace = call.trace
+                # Before the memory probes: the snapshot's own allocations are freed by then.
+                result = None if trace is None else self._end_trace(call, trace, key, held)
+            else:
+                result = closing[0]
             if call.generation != self._generation:
                 return  # begun before a fork or a discard(), or begin() failed, or ended
-            heap = None if call.heap_share is None else self._end_heap(call, held)
+            if closing is None:
+                heap = None if call.heap_share is None else self._end_heap(call, held)
+            elif closing[1] is not None:
+                c_heap = memory.heap()  # the C heap freed since: the server's, not the call's
+                heap = None if c_heap is None else (c_heap, closing[1][1])
+            else:
+                heap = None
             rss = memory.rss()
             hour = int(time.time()) // 3600
             if len(key) > KEY_MAX_LENGTH:

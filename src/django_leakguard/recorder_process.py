@@ -12,7 +12,7 @@ from django.test.signals import setting_changed
 
 from django_leakguard import conf, threads
 from django_leakguard.flusher import EXIT_TIMEOUT
-from django_leakguard.recorder import Recorder
+from django_leakguard.recorder import Closing, Recorder
 from django_leakguard.recorder_calls import Call
 
 _recorder: Recorder | None = None
@@ -74,8 +74,17 @@ class _SuspendedRecorder(Recorder):
     def begin(self, *, read_heap: bool | None = None) -> Call:
         return Call(-1, 0.0, None)
 
+    def close_reading(self, call: Call, key: str, held: tuple[object, ...] = ()) -> Closing:
+        return None, None
+
     def end(
-        self, call: Call, kind: str, key: str, view: str = "", held: tuple[object, ...] = ()
+        self,
+        call: Call,
+        kind: str,
+        key: str,
+        view: str = "",
+        held: tuple[object, ...] = (),
+        closing: Closing | None = None,
     ) -> None:
         return None
 
