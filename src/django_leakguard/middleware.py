@@ -229,12 +229,15 @@ def _held(call: Call, response: object | None) -> tuple[object, ...]:
 # then, at its close.
 _after_request = threading.local()
 after_request_hooked = False
+# C heap the server frees before its hook that it allocated before the call began (uWSGI's
+# HTTP parser buffer, see uwsgi.parser_buffer_freed): added back at the end.
+after_request_server_freed = 0
 
 
 def _end_after_close(
     recorder: Recorder, call: Call, key: str, view: str, closing: Closing | None
 ) -> None:
-    recorder.end(call, REQUEST, key, view, closing=closing)
+    recorder.end(call, REQUEST, key, view, closing=closing, freed=after_request_server_freed)
 
 
 def end_after_request() -> None:

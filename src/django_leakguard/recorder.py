@@ -528,12 +528,14 @@ class Recorder(Flushing, HeapTiming):
         view: str = "",
         held: tuple[object, ...] = (),
         closing: Closing | None = None,
+        freed: int = 0,
     ) -> None:
         """Sample memory, attribute the change, and add the call to its key's totals.
 
         held: what the call's caller still refers to and frees right after (the response
         being closed): a traced call does not count it as retained. closing: what
-        close_reading() read at the response's close, if it did.
+        close_reading() read at the response's close, if it did; freed: C heap the server
+        freed since that it had allocated before the call began (added back).
         """
         if self._late:
             self._end_late()
@@ -550,7 +552,7 @@ class Recorder(Flushing, HeapTiming):
                 heap = None if call.heap_share is None else self._end_heap(call, held)
             elif closing[1] is not None:
                 c_heap = memory.heap()  # the C heap freed since: the server's, not the call's
-                heap = None if c_heap is None else (c_heap, closing[1][1])
+                heap = None if c_heap is None else (c_heap + freed, closing[1][1])
             else:
                 heap = None
             rss = memory.rss()

@@ -85,6 +85,7 @@ class _SuspendedRecorder(Recorder):
         view: str = "",
         held: tuple[object, ...] = (),
         closing: Closing | None = None,
+        freed: int = 0,
     ) -> None:
         return None
 

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
 
+from django_leakguard.recorder_heap import TCACHE_MAX
+
 __all__ = ["install", "running_under_uwsgi"]
 
 _MARK = "_leakguard_atexit"
@@ -136,8 +138,32 @@ def _register_at_first_request(**kwargs: object) -> None:
             register_c_atexit()
 
 
-# Options under which a worker may parse requests in a buffer of its own (core/uwsgi.c), or
-# which choose a protocol for --socket.
+# Options that name a socket (core/uwsgi.c), or choose a protocol for --socket; of those, the
+# protocols a worker parses in a buffer of its own. uWSGI's router (--http) speaks the uwsgi
+# protocol to the workers.
+_SOCKET_OPTIONS = frozenset(
+    {
+        "socket",
+        "uwsgi-socket",
+        "suwsgi-socket",
+        "ssl-socket",
+        "puwsgi-socket",
+        "raw-socket",
+        "http",
+        "https",
+        "http-socket",
+        "http11-socket",
+        "https-socket",
+        "fastcgi-socket",
+        "fastcgi-nph-socket",
+        "scgi-socket",
+        "scgi-nph-socket",
+        "protocol",
+        "socket-protocol",
+        "shared-socket",
+        "undeferred-shared-socket",
+    }
+)
 _PARSER_BUFFER_OPTIONS = frozenset(
     {
         "http-socket",
@@ -153,6 +179,39 @@ _PARSER_BUFFER_OPTIONS = frozenset(
         "undeferred-shared-socket",
     }
 )
+# uWSGI's default buffer-size (core/init.c), and the largest chunk glibc's allocator serves
+# from its heap rather than mmap() by default.
+_BUFFER_SIZE = 4096
+_MMAP_THRESHOLD = 128 * 1024
+
+
+def parser_buffer_freed(options: object) -> int | None:
+    """Return the C heap a worker frees after each response's close() that it allocated
+    before the call began: its HTTP parser's buffer; None where this cannot be told.
+
+    0 behind uWSGI's router or a web server speaking the uwsgi protocol (no such buffer);
+    with --http-socket alone, buffer-size bytes in the allocator's chunk (4,112 bytes by
+    default). Other protocols (FastCGI, SCGI, HTTPS, keep-alive HTTP) and mixed sockets: None.
+    """
+    if not isinstance(options, dict):
+        return None
+    sockets = {name for name in options if name in _SOCKET_OPTIONS}
+    parsers = sockets & _PARSER_BUFFER_OPTIONS
+    if not parsers:
+        return 0
+    if sockets != {"http-socket"}:
+        return None
+    value = options.get("buffer-size", _BUFFER_SIZE)
+    try:
+        size = int(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError):  # given twice (a list), or a value uWSGI reads otherwise
+        return None
+    if size <= 0:
+        return None
+    chunk = (size + 8 + 15) & ~15  # the request, the chunk's header, 16-byte steps
+    if chunk <= TCACHE_MAX:
+        return 0  # freed into glibc's per-thread cache, which mallinfo2() counts as in use
+    return chunk if chunk < _MMAP_THRESHOLD else None
 
 
 def _hook_after_request(uwsgi: ModuleType) -> None:
@@ -164,19 +223,20 @@ def _hook_after_request(uwsgi: ModuleType) -> None:
     counted the response headers' buffer uWSGI frees right after (4 KiB a call) as kept.
     Set later than that, the hook is never called and calls end at their close, as before.
 
-    Not where a worker parses HTTP, FastCGI or SCGI itself: it frees its parser's buffer
-    (buffer-size, 4 KiB) before the hook too, but allocated it before the request began, so
-    each call would count 4 KiB freed (a leak under 4 KiB a call would vanish). Behind its
-    HTTP router (--http) or a web server speaking the uwsgi protocol (--socket), it has none.
+    A worker that parses HTTP itself frees its parser's buffer before the hook too, but
+    allocated it before the call began: that is added back (parser_buffer_freed). Where it
+    cannot be told (FastCGI, SCGI, mixed sockets), calls end at their close.
     """
-    from django_leakguard.middleware import end_after_request
+    from django_leakguard import middleware
 
-    options = getattr(uwsgi, "opt", None)
-    if not isinstance(options, dict) or any(name in _PARSER_BUFFER_OPTIONS for name in options):
+    freed = parser_buffer_freed(getattr(uwsgi, "opt", None))
+    if freed is None:
         return
+    middleware.after_request_server_freed = freed
     previous: Callable[[], object] | None = getattr(uwsgi, "after_req_hook", None)
     if previous is not None and getattr(previous, _MARK, False):
         return
+    end_after_request = middleware.end_after_request
 
     def after_req_hook() -> None:
         try:
