@@ -20,7 +20,7 @@ from django.db import connections, reset_queries
 from django.http import HttpRequest, HttpResponseBase
 
 from django_leakguard import conf, memory, refine
-from django_leakguard.recorder import Closing, EarlyReading, Recorder
+from django_leakguard.recorder import EarlyReading, Recorder
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_process import get_recorder, recording
 from django_leakguard.records import REQUEST, UNMATCHED, route_key
@@ -184,23 +184,16 @@ class _EndAtClose:
             self._close = _closed
             call, self._call = self._call, None
             context, self._context = self._context, None
-            if call is None:
-                pass
-            elif context is not None:
-                if not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
+            if call is not None and (
+                context is None
+                or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
                     context
-                ):
-                    self._recorder.end(call, REQUEST, self._key, self._view, _held(call, response))
-            elif after_request_hooked:
-                closing = None
+                )
+            ):
+                held: tuple[object, ...] = () if response is None else (response,)
                 if call.heap_share is not None or call.trace is not None:
-                    closing = self._recorder.close_reading(call, self._key, _held(call, response))
-                earlier = getattr(_after_request, "closed", None)
-                _after_request.closed = (self._recorder, call, self._key, self._view, closing)
-                if earlier is not None:  # closed without a request around it
-                    _end_after_close(*earlier)
-            else:
-                self._recorder.end(call, REQUEST, self._key, self._view, _held(call, response))
+                    held += logged_queries()
+                self._recorder.end(call, REQUEST, self._key, self._view, held, server_heap)
 
     def __del__(self) -> None:
         call = self._call
@@ -214,40 +207,10 @@ def _closed() -> None:
     return None
 
 
-def _held(call: Call, response: object | None) -> tuple[object, ...]:
-    """What the server frees right after the close: not kept by the call (see Recorder.end)."""
-    held: tuple[object, ...] = () if response is None else (response,)
-    if call.heap_share is not None or call.trace is not None:
-        held += logged_queries()
-    return held
-
-
-# uWSGI frees what it kept for a request (its response headers' buffer: 4 KiB of C heap)
-# after the response's close(), then calls its after-request hook (uwsgi.after_req_hook, see
-# uwsgi.install). Once that hook has run in this process, a call closed in a thread ends
-# there, its C heap read once its request is torn down (see Recorder.close_reading); until
-# then, at its close.
-_after_request = threading.local()
-after_request_hooked = False
-# C heap the server frees before its hook that it allocated before the call began (uWSGI's
-# HTTP parser buffer, see uwsgi.parser_buffer_freed): added back at the end.
-after_request_server_freed = 0
-
-
-def _end_after_close(
-    recorder: Recorder, call: Call, key: str, view: str, closing: Closing | None
-) -> None:
-    recorder.end(call, REQUEST, key, view, closing=closing, freed=after_request_server_freed)
-
-
-def end_after_request() -> None:
-    """uWSGI's after-request hook: end the call this thread closed, now its request is gone."""
-    global after_request_hooked
-    after_request_hooked = True
-    closed = getattr(_after_request, "closed", None)
-    if closed is not None:
-        _after_request.closed = None
-        _end_after_close(*closed)
+# C heap bytes the WSGI server holds for each request at its response's close and frees right
+# after, whatever the view did: uWSGI's buffer for the response's headers (set by
+# uwsgi.install, see uwsgi.server_heap). Not kept by the call.
+server_heap = 0
 
 
 def logged_queries() -> tuple[object, ...]:

@@ -41,9 +41,6 @@ from django_leakguard.tracing import Trace
 from django_leakguard.tracing_baseline import Baseline
 from django_leakguard.tracing_records import TraceResult
 
-# What close_reading() read at a response's close: the call's trace result and heap reading.
-Closing = tuple[TraceResult | None, tuple[int, int] | None]
-
 # Keys whose first (warm-up) call is left out of the heap signal; past it, none is left out.
 WARM_KEYS_MAX = 4096
 # Heap readings a key gets in each band and hour before only a budgeted share of its calls
@@ -500,26 +497,6 @@ class Recorder(Flushing, HeapTiming):
             call.alone_since = -1
             self.end(call, kind, key, view)
 
-    def close_reading(self, call: Call, key: str, held: tuple[object, ...] = ()) -> Closing:
-        """Stop call's trace and read the heap as its end would; end(closing=...) takes them.
-
-        For a call that ends a little after its response's close: under uWSGI, in its
-        after-request hook, once uWSGI has freed what it kept for the request (the 4 KiB
-        buffer of the response's headers), C heap that end() reads again then. Before that
-        hook uWSGI also clears the request's environ, strings made before the call began:
-        the small objects (pymalloc blocks) are counted from this reading, taken while the
-        response (held) still exists.
-        """
-        try:
-            trace = call.trace
-            result = None if trace is None else self._end_trace(call, trace, key, held)
-            if call.heap_share is None or call.generation != self._generation:
-                return result, None
-            return result, self._end_heap(call, held)
-        except Exception:
-            self._errors.exception("LeakGuard could not record a call")
-            return None, None
-
     def end(
         self,
         call: Call,
@@ -527,34 +504,24 @@ class Recorder(Flushing, HeapTiming):
         key: str,
         view: str = "",
         held: tuple[object, ...] = (),
-        closing: Closing | None = None,
-        freed: int = 0,
+        server_heap: int = 0,
     ) -> None:
         """Sample memory, attribute the change, and add the call to its key's totals.
 
         held: what the call's caller still refers to and frees right after (the response
-        being closed): a traced call does not count it as retained. closing: what
-        close_reading() read at the response's close, if it did; freed: C heap the server
-        freed since that it had allocated before the call began (added back).
+        being closed): a traced call does not count it as retained. server_heap: C heap
+        bytes the server holds for the call and frees right after (see uwsgi.server_heap):
+        not kept by the call either.
         """
         if self._late:
             self._end_late()
         try:
-            if closing is None:
-                trace = call.trace
-                # Before the memory probes: the snapshot's own allocations are freed by then.
-                result = None if trace is None else self._end_trace(call, trace, key, held)
-            else:
-                result = closing[0]
+            trace = call.trace
+            # Before the memory probes: the snapshot's own allocations are freed by then.
+            result = None if trace is None else self._end_trace(call, trace, key, held)
             if call.generation != self._generation:
                 return  # begun before a fork or a discard(), or begin() failed, or ended
-            if closing is None:
-                heap = None if call.heap_share is None else self._end_heap(call, held)
-            elif closing[1] is not None:
-                c_heap = memory.heap()  # the C heap freed since: the server's, not the call's
-                heap = None if c_heap is None else (c_heap + freed, closing[1][1])
-            else:
-                heap = None
+            heap = None if call.heap_share is None else self._end_heap(call, held, server_heap)
             rss = memory.rss()
             hour = int(time.time()) // 3600
             if len(key) > KEY_MAX_LENGTH:
@@ -614,7 +581,9 @@ class Recorder(Flushing, HeapTiming):
         except Exception:
             self._errors.exception("LeakGuard could not record a call")
 
-    def _end_heap(self, call: Call, held: tuple[object, ...]) -> tuple[int, int] | None:
+    def _end_heap(
+        self, call: Call, held: tuple[object, ...], server_heap: int = 0
+    ) -> tuple[int, int] | None:
         """Read the heap signals at the end of a call that read them at its start."""
         start = time.perf_counter()
         if call.threads >= 0:
@@ -622,7 +591,9 @@ class Recorder(Flushing, HeapTiming):
         # What the caller frees right after (the response) is not kept by the call.
         held_heap, held_blocks = held_memory(held) if held else (0, 0)
         heap = self._time_heap(time.perf_counter() - start, call.collect)
-        return None if heap is None else (heap[0] - held_heap, heap[1] - held_blocks)
+        if heap is None:
+            return None
+        return heap[0] - held_heap - server_heap, heap[1] - held_blocks
 
     def _join_end_heap(
         self, call: Call, heap: tuple[int, int], in_flight: int

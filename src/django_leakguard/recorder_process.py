@@ -12,7 +12,7 @@ from django.test.signals import setting_changed
 
 from django_leakguard import conf, threads
 from django_leakguard.flusher import EXIT_TIMEOUT
-from django_leakguard.recorder import Closing, Recorder
+from django_leakguard.recorder import Recorder
 from django_leakguard.recorder_calls import Call
 
 _recorder: Recorder | None = None
@@ -74,9 +74,6 @@ class _SuspendedRecorder(Recorder):
     def begin(self, *, read_heap: bool | None = None) -> Call:
         return Call(-1, 0.0, None)
 
-    def close_reading(self, call: Call, key: str, held: tuple[object, ...] = ()) -> Closing:
-        return None, None
-
     def end(
         self,
         call: Call,
@@ -84,8 +81,7 @@ class _SuspendedRecorder(Recorder):
         key: str,
         view: str = "",
         held: tuple[object, ...] = (),
-        closing: Closing | None = None,
-        freed: int = 0,
+        server_heap: int = 0,
     ) -> None:
         return None
 

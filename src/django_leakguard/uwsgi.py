@@ -1,4 +1,4 @@
-"""uWSGI integration: flush the recorder when a worker exits; end calls after teardown.
+"""uWSGI integration: flush the recorder when a worker exits; what a call's end takes off.
 
 uWSGI calls uwsgi.atexit in a worker that exits, unless the worker is inside a request when it
 is told to stop (a SIGINT or SIGTERM from the master at a stop, or from an operator): then its
@@ -26,11 +26,11 @@ import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
 
-from django_leakguard.recorder_heap import TCACHE_MAX
-
 __all__ = ["install", "running_under_uwsgi"]
 
 _MARK = "_leakguard_atexit"
+# The largest chunk glibc's allocator serves from its heap rather than mmap() by default.
+_MMAP_THRESHOLD = 128 * 1024
 logger = logging.getLogger("django_leakguard")
 
 # The C callback registered with the C library's exit handlers, kept alive for the life of the
@@ -138,115 +138,20 @@ def _register_at_first_request(**kwargs: object) -> None:
             register_c_atexit()
 
 
-# Options that name a socket (core/uwsgi.c), or choose a protocol for --socket; of those, the
-# protocols a worker parses in a buffer of its own. uWSGI's router (--http) speaks the uwsgi
-# protocol to the workers.
-_SOCKET_OPTIONS = frozenset(
-    {
-        "socket",
-        "uwsgi-socket",
-        "suwsgi-socket",
-        "ssl-socket",
-        "puwsgi-socket",
-        "raw-socket",
-        "http",
-        "https",
-        "http-socket",
-        "http11-socket",
-        "https-socket",
-        "fastcgi-socket",
-        "fastcgi-nph-socket",
-        "scgi-socket",
-        "scgi-nph-socket",
-        "protocol",
-        "socket-protocol",
-        "shared-socket",
-        "undeferred-shared-socket",
-    }
-)
-_PARSER_BUFFER_OPTIONS = frozenset(
-    {
-        "http-socket",
-        "http11-socket",
-        "https-socket",
-        "fastcgi-socket",
-        "fastcgi-nph-socket",
-        "scgi-socket",
-        "scgi-nph-socket",
-        "protocol",
-        "socket-protocol",
-        "shared-socket",
-        "undeferred-shared-socket",
-    }
-)
-# uWSGI's default buffer-size (core/init.c), and the largest chunk glibc's allocator serves
-# from its heap rather than mmap() by default.
-_BUFFER_SIZE = 4096
-_MMAP_THRESHOLD = 128 * 1024
+def server_heap(page_size: int | None = None) -> int:
+    """Return the C heap uWSGI holds for a request at its response's close(): the buffer it
+    makes for the response's headers when the application calls start_response (a page,
+    core/writer.c, uwsgi_buffer_new(uwsgi.page_size)) and frees once the response is closed
+    (core/utils.c, uwsgi_close_request): each call ended at the close counted 4,160 bytes kept.
 
-
-def parser_buffer_freed(options: object) -> int | None:
-    """Return the C heap a worker frees after each response's close() that it allocated
-    before the call began: its HTTP parser's buffer; None where this cannot be told.
-
-    0 behind uWSGI's router or a web server speaking the uwsgi protocol (no such buffer);
-    with --http-socket alone, buffer-size bytes in the allocator's chunk (4,112 bytes by
-    default). Other protocols (FastCGI, SCGI, HTTPS, keep-alive HTTP) and mixed sockets: None.
+    In glibc's chunks: the page with an 8-byte header in 16-byte steps, and the 32-byte
+    struct uwsgi_buffer in a 48-byte chunk; 0 where a page is too large to come from the
+    heap (it is then mapped apart, but counted as well: nothing is taken off rather than a
+    guess). Response headers longer than a page grow the buffer: the rest stays counted.
     """
-    if not isinstance(options, dict):
-        return None
-    sockets = {name for name in options if name in _SOCKET_OPTIONS}
-    parsers = sockets & _PARSER_BUFFER_OPTIONS
-    if not parsers:
-        return 0
-    if sockets != {"http-socket"}:
-        return None
-    value = options.get("buffer-size", _BUFFER_SIZE)
-    try:
-        size = int(value.decode() if isinstance(value, bytes) else value)
-    except (TypeError, ValueError):  # given twice (a list), or a value uWSGI reads otherwise
-        return None
-    if size <= 0:
-        return None
-    chunk = (size + 8 + 15) & ~15  # the request, the chunk's header, 16-byte steps
-    if chunk <= TCACHE_MAX:
-        return 0  # freed into glibc's per-thread cache, which mallinfo2() counts as in use
-    return chunk if chunk < _MMAP_THRESHOLD else None
-
-
-def _hook_after_request(uwsgi: ModuleType) -> None:
-    """End each call after uWSGI has torn its request down (uwsgi.after_req_hook).
-
-    uWSGI's Python plugin reads the hook once its applications are loaded (python_plugin.c,
-    uwsgi_python_init_apps) and calls it after each request is closed and freed
-    (wsgi_handlers.c, uwsgi_after_request_wsgi): a call that ended at the response's close()
-    counted the response headers' buffer uWSGI frees right after (4 KiB a call) as kept.
-    Set later than that, the hook is never called and calls end at their close, as before.
-
-    A worker that parses HTTP itself frees its parser's buffer before the hook too, but
-    allocated it before the call began: that is added back (parser_buffer_freed). Where it
-    cannot be told (FastCGI, SCGI, mixed sockets), calls end at their close.
-    """
-    from django_leakguard import middleware
-
-    freed = parser_buffer_freed(getattr(uwsgi, "opt", None))
-    if freed is None:
-        return
-    middleware.after_request_server_freed = freed
-    previous: Callable[[], object] | None = getattr(uwsgi, "after_req_hook", None)
-    if previous is not None and getattr(previous, _MARK, False):
-        return
-    end_after_request = middleware.end_after_request
-
-    def after_req_hook() -> None:
-        try:
-            if previous is not None:
-                previous()  # the project's own first: what it frees is not the call's
-        finally:
-            end_after_request()
-
-    setattr(after_req_hook, _MARK, True)
-    setattr(uwsgi, "after_req_hook", after_req_hook)  # noqa: B010  (read by uWSGI)
+    size = os.sysconf("SC_PAGE_SIZE") if page_size is None else page_size
+    chunk = (size + 8 + 15) & ~15
+    return chunk + 48 if chunk < _MMAP_THRESHOLD else 0
 
 
 def install() -> bool:
@@ -260,10 +165,13 @@ def install() -> bool:
         return False
     from django.core.signals import request_started
 
+    from django_leakguard import middleware
+
+    middleware.server_heap = server_heap()
+
     request_started.connect(
         _register_at_first_request, dispatch_uid="django_leakguard.uwsgi.register_c_atexit"
     )
-    _hook_after_request(uwsgi)
     previous: Callable[[], object] | None = getattr(uwsgi, "atexit", None)
     if previous is not None and getattr(previous, _MARK, False):
         return True
