@@ -91,6 +91,14 @@ def manage(
 
 def stored_calls(env: Mapping[str, str], kind: str) -> Counter[str]:
     """Return the calls stored per key for kind, in the database env points at."""
+    return Counter({key: sums["calls"] for key, sums in stored_sums(env, kind).items()})
+
+
+def stored_sums(
+    env: Mapping[str, str], kind: str, counters: Sequence[str] = ("calls",)
+) -> dict[str, dict[str, int]]:
+    """Return the sums of counters stored per key for kind, in the database env points at."""
+    sums = ", ".join(f"{name}=Sum({name!r})" for name in counters)
     output = manage(
         env,
         "shell",
@@ -98,10 +106,11 @@ def stored_calls(env: Mapping[str, str], kind: str) -> Counter[str]:
         "import json\n"
         "from django.db.models import Sum\n"
         "from django_leakguard.models import Growth\n"
-        f"rows = Growth.objects.filter(kind={kind!r}).values('key').annotate(n=Sum('calls'))\n"
-        "print(json.dumps({row['key']: row['n'] for row in rows}))",
+        f"rows = Growth.objects.filter(kind={kind!r}).values('key').annotate({sums})\n"
+        "print(json.dumps({row.pop('key'): row for row in rows}))",
     )
-    return Counter(json.loads(output.strip().splitlines()[-1]))
+    result: dict[str, dict[str, int]] = json.loads(output.strip().splitlines()[-1])
+    return result
 
 
 def migrate(env: Mapping[str, str]) -> None:

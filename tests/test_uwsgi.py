@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import re
 import sys
@@ -361,18 +360,12 @@ def test_uwsgi_s_buffer_for_the_response_headers_is_not_kept(tmp_path: Path, htt
         for _ in range(20):
             assert servers.get(server.url("/leak/retain/"))[0] == 200
         server.stop()
-    output = servers.manage(
-        env,
-        "shell",
-        "-c",
-        "import json\n"
-        "from django.db.models import Sum\n"
-        "from django_leakguard.models import Growth\n"
-        "rows = Growth.objects.values('key').annotate("
-        "n=Sum('heap_calls'), heap=Sum('heap_growth'), blocks=Sum('blocks_growth'))\n"
-        "print(json.dumps({row['key']: [row['n'], row['heap'], row['blocks']] for row in rows}))",
-    )
-    stored = json.loads(output.strip().splitlines()[-1])
+    stored = {
+        key: [sums["heap_calls"], sums["heap_growth"], sums["blocks_growth"]]
+        for key, sums in servers.stored_sums(
+            env, "request", ("heap_calls", "heap_growth", "blocks_growth")
+        ).items()
+    }
     readings, heap, blocks = stored["/products/<int:pk>/"]
     assert abs(blocks / readings) < 10, stored
     assert readings >= 20, stored
