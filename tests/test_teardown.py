@@ -13,6 +13,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from asgiref.sync import SyncToAsync, async_to_sync
@@ -166,7 +167,11 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
         instance.discard()
 
 
-def serve(path_: str, rec: Recorder) -> int:
+def _start_response(status: str, headers: list[tuple[str, str]]) -> None:
+    return None
+
+
+def serve(path_: str, rec: Recorder, start_response: Any = _start_response) -> int:
     """Serve one request as a WSGI server does: call, iterate, close; return calls in flight."""
     environ = {
         "REQUEST_METHOD": "GET",
@@ -176,7 +181,7 @@ def serve(path_: str, rec: Recorder) -> int:
         "wsgi.input": io.BytesIO(),
         "wsgi.url_scheme": "http",
     }
-    response = WSGIHandler()(environ, lambda status, headers: None)
+    response = WSGIHandler()(environ, start_response)
     in_flight_before_close = rec.in_flight
     for _ in response:
         pass
@@ -275,18 +280,7 @@ def test_what_the_server_frees_after_the_close_is_not_kept(
         held.extend(bytes(64 * 1024))  # as uWSGI's start_response: during the call
 
     def serve_holding(path_: str) -> None:
-        environ = {
-            "REQUEST_METHOD": "GET",
-            "PATH_INFO": path_,
-            "SERVER_NAME": "testserver",
-            "SERVER_PORT": "80",
-            "wsgi.input": io.BytesIO(),
-            "wsgi.url_scheme": "http",
-        }
-        response = WSGIHandler()(environ, start_response)
-        for _ in response:
-            pass
-        response.close()
+        serve(path_, rec, start_response)
         held.clear()  # freed once the response is closed
 
     serve_holding("/page/")  # warm-up
