@@ -151,7 +151,7 @@ class _EndAtClose:
     response) ends its call when it is freed: no call stays in flight for ever.
     """
 
-    __slots__ = ("_call", "_close", "_context", "_held", "_key", "_loop", "_recorder", "_view")
+    __slots__ = ("_call", "_close", "_context", "_key", "_loop", "_recorder", "_view")
 
     def __init__(
         self,
@@ -162,11 +162,9 @@ class _EndAtClose:
         view: str,
         context: object | None,
         loop: asyncio.AbstractEventLoop | None,
-        held: _Held | None = None,
     ) -> None:
         self._recorder = recorder
         self._loop = loop
-        self._held = held
         self._call: Call | None = call
         self._close = close
         self._key = key
@@ -186,12 +184,11 @@ class _EndAtClose:
             self._close = _closed
             call, self._call = self._call, None
             context, self._context = self._context, None
-            request_held, self._held = self._held, None
             if call is not None and (
                 context is None
-                or not _Teardown(
-                    self._recorder, call, self._key, self._view, self._loop, request_held
-                ).wait_for(context)
+                or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
+                    context
+                )
             ):
                 held: tuple[object, ...] = () if response is None else (response,)
                 if call.heap_share is not None or call.trace is not None:
@@ -249,16 +246,7 @@ class _Teardown:
     wait.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_call",
-        "_closed_at",
-        "_held",
-        "_key",
-        "_loop",
-        "_recorder",
-        "_view",
-    )
+    __slots__ = ("__weakref__", "_call", "_closed_at", "_key", "_loop", "_recorder", "_view")
     _waiting: dict[int, _Teardown] = {}
 
     def __init__(
@@ -268,9 +256,7 @@ class _Teardown:
         key: str,
         view: str,
         loop: asyncio.AbstractEventLoop | None,
-        held: _Held | None = None,
     ) -> None:
-        self._held = held
         self._recorder = recorder
         self._call: Call | None = call
         self._key = key
@@ -286,8 +272,7 @@ class _Teardown:
             return False
         _Teardown.end_overdue(self._closed_at)
         loop = self._loop
-        held = self._held
-        if loop is not None and (held is None or held.executor is not executor):
+        if loop is not None:
             weakref.finalize(executor, self._freed)
         # Neither the executor nor its bound method: the executor must not refer to itself.
         executor_ref = weakref.ref(executor)
@@ -298,9 +283,6 @@ class _Teardown:
                 target = executor_ref()
                 if target is not None:
                     shutdown(target, *args, **kwargs)
-                    # An executor kept until the end (see _Held) no longer refers to this.
-                    vars(target).pop("shutdown", None)
-                    del target
             finally:
                 if loop is None:
                     self.end()
@@ -338,53 +320,8 @@ class _Teardown:
     def end(self) -> None:
         _Teardown._waiting.pop(id(self), None)
         call, self._call = self._call, None
-        held, self._held = self._held, None
         if call is not None:
-            hung = () if held is None else held.hung()
-            self._recorder.end(call, REQUEST, self._key, self._view, hung)
-        # The request goes now: made before the call's first reading, it is not kept by it.
-
-
-class _Held:
-    """An ASGI request kept until its call's end; what was hung on it meanwhile is not kept.
-
-    Under ASGI the call's first heap reading comes once the URL is resolved (see
-    process_view), while the request exists; its collection of the youngest generation moves
-    the request (a reference cycle: request.user refers back to it) to the next one, and what
-    a view hangs on it then lives until some later call's collection: every view was charged
-    it as kept. Kept alive until the end, the request is in both readings, and what was set on
-    it since the first one (the user, the view's own attributes) is taken off the end's
-    reading as the response is (Recorder.end's held): it goes with the request right after.
-    The request itself is left as it is (a task the view started may still use it).
-    """
-
-    __slots__ = ("_before", "_request", "executor")
-
-    def __init__(self, request: HttpRequest, before: frozenset[str], executor: object) -> None:
-        self._request = request
-        self._before = before
-        # The request's executor (and its thread's objects), made before the first reading
-        # too: kept until the end, so that its objects are not counted as freed by the call
-        # (33 blocks a call); the call ends after the executor's shutdown (see _Teardown).
-        self.executor = executor
-
-    @staticmethod
-    def before(request: HttpRequest) -> tuple[frozenset[str], object]:
-        """What a call needs to know at its first reading: the request's attributes then,
-        and its executor."""
-        executors = getattr(SyncToAsync, "context_to_thread_executor", None)
-        context = None if _REQUEST_CONTEXT is None else _REQUEST_CONTEXT.get(None)
-        executor = None if executors is None or context is None else executors.get(context)
-        return frozenset(vars(request)), executor
-
-    def hung(self) -> tuple[object, ...]:
-        """What was set on the request since the call's first reading."""
-        try:
-            before = self._before
-            attributes = vars(self._request)
-            return tuple(value for name, value in attributes.items() if name not in before)
-        except Exception:  # an odd request object: nothing taken off
-            return ()
+            self._recorder.end(call, REQUEST, self._key, self._view)
 
 
 class LeakGuardMiddleware:
@@ -427,12 +364,7 @@ class LeakGuardMiddleware:
                 return  # read_heap_early decided for this pattern: no reading this time
             early = call.collect
             recorder.measure_heap(call, REQUEST, key[0])
-            if call.heap_share is None:
-                return
-            if self.is_async:
-                # The request exists already (see _Held): what it holds now is not the call's.
-                request._leakguard_before = _Held.before(request)  # type: ignore[attr-defined]
-            elif not early:
+            if not early and call.heap_share is not None and not self.is_async:
                 # Read here, not before the request: its path's pattern was not known then.
                 _remember_key(request, key[0])
 
@@ -482,14 +414,8 @@ def _end_at_close(
 ) -> HttpResponseBase:
     key, view = ended_key(request)
     context = None if _REQUEST_CONTEXT is None else _REQUEST_CONTEXT.get(None)
-    held = None
-    before = getattr(request, "_leakguard_before", None)
-    if before is not None and context is not None:
-        held = _Held(request, *before)
     try:
-        response.close = _EndAtClose(  # type: ignore[method-assign]
-            recorder, call, response.close, key, view, context, loop, held
-        )
+        response.close = _EndAtClose(recorder, call, response.close, key, view, context, loop)  # type: ignore[method-assign]
     except Exception:  # a response object that does not take attributes: end the call now
         recorder.end(call, REQUEST, key, view)
     else:
