@@ -393,7 +393,8 @@ class Recorder(Flushing, HeapTiming):
         pymalloc blocks) are alive then and freed before the call begins, and each call read
         so counted them as freed. Its collection is what the call needs (the request is made
         after it, in a young generation the call's end collects); the figures are read again
-        once the call begins, the request there (freed by the end: a few blocks a call).
+        once the call begins. The request, its executor and the handler's own objects are
+        there then and freed by the end: counted as freed still (see docs/recording).
         """
         try:
             heap = self._time_heap(collect=-1)

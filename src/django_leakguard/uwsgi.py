@@ -156,7 +156,8 @@ def server_heap(page_size: int | None = None) -> int:
 
 def install() -> bool:
     """Make uWSGI flush the recorder at worker exit: uwsgi.atexit (chaining an existing one),
-    and the C library's atexit() for a worker stopped during a request.
+    and the C library's atexit() for a worker stopped during a request. And take uWSGI's
+    buffer for each response's headers off its call's figures (see server_heap).
 
     Return whether it is installed: False outside uWSGI. Calling it again changes nothing.
     """
