@@ -289,7 +289,7 @@ def test_what_the_server_frees_after_the_close_is_not_kept(
     for _ in range(5):
         serve_holding("/page/")
     counted = rec.totals()[REQUEST, "/page/"].heap_growth / 5
-    monkeypatch.setattr(middleware, "server_heap", len(bytes(64 * 1024)) + 32)
+    monkeypatch.setattr(middleware, "server_heap", 64 * 1024 + 32)
     rec.discard()
     for _ in range(5):
         serve_holding("/page/")

@@ -36,6 +36,11 @@ PYMALLOC_MAX = 512
 TCACHE_MAX = 1032
 
 
+def chunk_size(request: int) -> int:
+    """Return the bytes of heap glibc's malloc(request) takes: its chunk (see above)."""
+    return (request + 8 + 15) & ~15
+
+
 def held_memory(held: Iterable[object]) -> tuple[int, int]:
     """Return (C heap bytes, pymalloc blocks) that held and what only it refers to take.
 
@@ -74,7 +79,7 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
                 if allocation <= PYMALLOC_MAX:
                     blocks += 1
                 elif allocation > TCACHE_MAX:
-                    heap += (allocation + 8 + 15) & ~15
+                    heap += chunk_size(allocation)
     return heap, blocks
 
 

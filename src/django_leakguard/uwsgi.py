@@ -31,6 +31,8 @@ __all__ = ["install", "running_under_uwsgi"]
 _MARK = "_leakguard_atexit"
 # The largest chunk glibc's allocator serves from its heap rather than mmap() by default.
 _MMAP_THRESHOLD = 128 * 1024
+# sizeof(struct uwsgi_buffer) (uwsgi.h: a pointer and three size_t).
+_UWSGI_BUFFER_STRUCT = 32
 logger = logging.getLogger("django_leakguard")
 
 # The C callback registered with the C library's exit handlers, kept alive for the life of the
@@ -144,14 +146,16 @@ def server_heap(page_size: int | None = None) -> int:
     core/writer.c, uwsgi_buffer_new(uwsgi.page_size)) and frees once the response is closed
     (core/utils.c, uwsgi_close_request): each call ended at the close counted 4,160 bytes kept.
 
-    In glibc's chunks: the page with an 8-byte header in 16-byte steps, and the 32-byte
-    struct uwsgi_buffer in a 48-byte chunk; 0 where a page is too large to come from the
-    heap (it is then mapped apart, but counted as well: nothing is taken off rather than a
-    guess). Response headers longer than a page grow the buffer: the rest stays counted.
+    In glibc's chunks: the page's, and the 32-byte struct uwsgi_buffer's (48 bytes); 0 where
+    a page is too large to come from the heap (it is then mapped apart, but counted as well:
+    nothing is taken off rather than a guess). Response headers longer than a page grow the
+    buffer: the rest stays counted.
     """
+    from django_leakguard.recorder_heap import chunk_size
+
     size = os.sysconf("SC_PAGE_SIZE") if page_size is None else page_size
-    chunk = (size + 8 + 15) & ~15
-    return chunk + 48 if chunk < _MMAP_THRESHOLD else 0
+    chunk = chunk_size(size)
+    return chunk + chunk_size(_UWSGI_BUFFER_STRUCT) if chunk < _MMAP_THRESHOLD else 0
 
 
 def install() -> bool:
