@@ -4,6 +4,7 @@ import contextlib
 import gc
 import os
 import re
+import signal
 import sys
 import textwrap
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from django_leakguard import memory
 from django_leakguard import uwsgi as leakguard_uwsgi
 from tests import servers
 
@@ -33,8 +35,10 @@ def test_install_chains_an_existing_atexit(monkeypatch: pytest.MonkeyPatch) -> N
     from django_leakguard import middleware
 
     monkeypatch.setattr(middleware, "server_heap", 0)
+    monkeypatch.setattr(memory, "_held_signals", frozenset())
     assert leakguard_uwsgi.install() is True
     assert middleware.server_heap == leakguard_uwsgi.server_heap()  # taken off at each close
+    assert memory._held_signals == {signal.SIGINT, signal.SIGTERM}  # uWSGI's exit() signals
     installed = fake.atexit  # type: ignore[attr-defined]
     assert leakguard_uwsgi.install() is True
     assert fake.atexit is installed  # type: ignore[attr-defined]
@@ -220,8 +224,8 @@ def test_the_printed_snippet_makes_uwsgi_recycle_and_flush(tmp_path: Path) -> No
 @pytest.mark.servers
 @pytest.mark.parametrize(
     ("processes", "busy"),
-    [(1, "view"), (2, "view"), (2, "close"), (1, "collecting")],
-    ids=["1-view", "2-view", "2-close", "1-collecting"],
+    [(1, "view"), (2, "view"), (2, "close"), (1, "collecting"), (1, "reading-heap")],
+    ids=["1-view", "2-view", "2-close", "1-collecting", "1-reading-heap"],
 )
 def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
     tmp_path: Path, processes: int, busy: str
@@ -231,6 +235,8 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
     # run atexit hooks"); the calls it had served since its last flush were lost without a word.
     # busy="close": each worker is closing a response its client already has (the call ends at
     # the response's close()); that call was lost too (once in about 25 runs of a load).
+    # busy="reading-heap": inside mallinfo2(), which holds the C allocator's lock; the exit
+    # flush waited for that lock for ever (a hang until the worker was killed, its calls lost).
     database = tmp_path / "db.sqlite3"
     env = servers.project_env(database, LEAKGUARD_FLUSH_INTERVAL=3600)  # only the stop writes
     servers.migrate(env)
@@ -263,6 +269,16 @@ def test_a_stop_while_a_request_runs_stores_or_reports_every_call(
                         gc.collect()
                     start_response("200 OK", [("Content-Type", "text/plain")])
                     return [str(len(alive)).encode()]
+                if environ["PATH_INFO"] == "/reading-heap/":  # mostly inside mallinfo2()
+                    from django_leakguard import memory
+
+                    chunks = [bytes(600 + n % 64) for n in range(200_000)]
+                    del chunks[::2]  # free chunks for mallinfo2() to walk
+                    deadline = time.monotonic() + 5
+                    while time.monotonic() < deadline:
+                        memory.heap()
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    return [b"read"]
                 if environ["PATH_INFO"] == "/slow/":  # keeps the worker busy: not recorded
                     time.sleep(5)
                     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -361,6 +377,8 @@ def test_uwsgi_s_buffer_for_the_response_headers_is_not_kept(tmp_path: Path, htt
             assert servers.get(server.url("/leak/retain/"))[0] == 200
         server.stop()
     stored = servers.stored_sums(env, "request", ("heap_calls", "heap_growth", "blocks_growth"))
+    log = (tmp_path / "uwsgi.log").read_text(errors="replace")
+    assert "/products/<int:pk>/" in stored, (stored, log)
     plain = stored["/products/<int:pk>/"]
     assert plain["heap_calls"] >= 20, stored
     assert abs(plain["blocks_growth"] / plain["heap_calls"]) < 10, stored

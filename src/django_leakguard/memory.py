@@ -7,8 +7,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -104,12 +105,35 @@ def _load_mallinfo2() -> Callable[[], _Mallinfo2] | None:
 
 _mallinfo2 = _load_mallinfo2()
 
+# Signals held back while mallinfo2() runs (see hold_signals_in_heap_readings).
+_held_signals: frozenset[signal.Signals] = frozenset()
+
+
+def hold_signals_in_heap_readings(signals: Iterable[signal.Signals]) -> None:
+    """Hold signals back in a thread while it reads the heap; they are delivered on return.
+
+    mallinfo2() holds the C allocator's lock while it walks the free lists (tens of µs). A
+    server whose signal handler exits from C, uWSGI's workers on SIGINT and SIGTERM, runs the
+    C library's exit handlers on top of it; those that allocate (Python's, the recorder's exit
+    flush) wait for that lock for ever, and the worker hangs until it is killed, losing what it
+    had not written. Two pthread_sigmask() calls a reading, only where a server asks for them.
+    """
+    global _held_signals
+    _held_signals = frozenset(signals)
+
 
 def heap() -> int | None:
     """Return bytes the C allocator has handed out and not taken back, or None if unknown."""
     if _mallinfo2 is None:
         return None  # pragma: no cover - Linux CI has glibc >= 2.33
-    info = _mallinfo2()
+    if _held_signals:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _held_signals)
+        try:
+            info = _mallinfo2()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    else:
+        info = _mallinfo2()
     return int(info.uordblks + info.hblkhd)
 
 

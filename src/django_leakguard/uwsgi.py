@@ -22,9 +22,12 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from types import FrameType, ModuleType
+
+from django_leakguard import memory
 
 __all__ = ["install", "running_under_uwsgi"]
 
@@ -173,6 +176,9 @@ def install() -> bool:
     from django_leakguard import middleware
 
     middleware.server_heap = server_heap()
+    # uWSGI's workers exit() from their SIGINT and SIGTERM handlers (core/uwsgi.c, end_me): one
+    # that came during a heap reading hung the worker (see memory.hold_signals_in_heap_readings).
+    memory.hold_signals_in_heap_readings((signal.SIGINT, signal.SIGTERM))
 
     request_started.connect(
         _register_at_first_request, dispatch_uid="django_leakguard.uwsgi.register_c_atexit"
