@@ -3,9 +3,12 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,6 +34,46 @@ def _service_url(env: str, what: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return url
+
+
+_OWN_PROCESS = "LEAKGUARD_TEST_OWN_PROCESS"
+
+
+@pytest.fixture
+def in_own_process(request: pytest.FixtureRequest) -> bool:
+    """Run the test again, alone, in a fresh interpreter; True there, where its body runs.
+
+    For tests whose heap figures must not depend on what the rest of the suite left behind
+    (its order is random): here the fixture waits for that run, fails with its output if it
+    failed, and returns False, so that the test returns at once.
+    """
+    nodeid = request.node.nodeid
+    if os.environ.get(_OWN_PROCESS) == nodeid:
+        return True
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            nodeid,
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, _OWN_PROCESS: nodeid},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    print(result.stdout[-3000:])
+    if result.returncode != 0:
+        pytest.fail(f"in its own process:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
+    return False
 
 
 @pytest.fixture

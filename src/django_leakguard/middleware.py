@@ -45,11 +45,12 @@ TEARDOWN_WAITING_MAX = 1000
 TEARDOWN_FALLBACK = 0.01
 
 
-# The heap reading taken before Django made a request (see read_heap_early), with the thread
-# it is for: one at a time, since it is taken only while no call is in flight; a module
-# global, which the request path reads far faster than a thread-local. And which URL
-# pattern a path had (bounded).
-_early: tuple[int, EarlyReading | None, str] | None = None
+# The heap reading taken before Django made a request (see read_heap_early), with whom it is
+# for (the thread under WSGI, a weak reference to the asgiref request context under ASGI):
+# one at a time, since it is taken only while no call is in flight; a module global, which
+# the request path reads far faster than a thread-local. And which URL pattern a path had
+# (bounded).
+_early: tuple[object, EarlyReading | None, str] | None = None
 _EARLY_UID = "django_leakguard.middleware.read_heap_early"
 _path_keys: dict[int, str] = {}
 PATH_KEYS_MAX = 1024
@@ -68,38 +69,70 @@ def _path_hash(path: str) -> int:
     return hash(path.encode("utf-8", "surrogatepass").translate(_HEX_ALIKE))
 
 
-def read_heap_early(sender: object, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
+def read_heap_early(
+    sender: object,
+    environ: dict[str, Any] | None = None,
+    scope: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> None:
     """request_started receiver: read the heap before Django makes the request, where the
     URL pattern the path had last time needs readings (Recorder.read_heap_early).
 
-    Only under WSGI, where the signal comes in the thread that runs the request's middleware.
+    Under WSGI the signal comes in the thread that runs the request's middleware; under ASGI
+    in the request's own thread, inside its asgiref context, which the middleware's
+    coroutine shares: each takes the reading meant for it (see _take_early).
     """
     global _early
-    if environ is None or not _path_keys or tracemalloc.is_tracing():
-        # ASGI sends a scope, from another thread; or no path is known yet; or an allocation
-        # trace runs around the request (leakhunt's replays, a profiler): the reading's
-        # collection would move what the trace's caller made before the request to the
-        # oldest generation, where the trace's own collection would no longer free it.
+    if not _path_keys or tracemalloc.is_tracing():
+        # No path is known yet; or an allocation trace runs around the request (leakhunt's
+        # replays, a profiler): the reading's collection would move what the trace's caller
+        # made before the request to the oldest generation, where the trace's own collection
+        # would no longer free it.
         return
     try:
-        key = _path_keys.get(_path_hash(environ.get("PATH_INFO", "")))
+        if environ is not None:
+            owner: object = threading.get_ident()
+            path = environ.get("PATH_INFO", "")
+        elif scope is not None and _REQUEST_CONTEXT is not None:
+            context = _REQUEST_CONTEXT.get(None)
+            if context is None:
+                return  # not inside Django's ASGI handler: no call could take it
+            owner = weakref.ref(context)
+            path = _asgi_path_info(scope)
+        else:
+            return
+        key = _path_keys.get(_path_hash(path))
         if key is not None and recording():
             # Also when it reads nothing: the call's decision is made (see process_view).
             # Django's reset_queries() frees the queries logged with DEBUG at request_started
             # too, maybe after this receiver: done first, so they are not freed in the call.
             reading = get_recorder().read_heap_early(REQUEST, key, reset_queries)
-            _early = (threading.get_ident(), reading, key)
+            _early = (owner, reading, key)
     except Exception:  # never fails a request
         logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
 
 
-def _take_early() -> tuple[EarlyReading | None, str | None]:
-    """Take what read_heap_early decided for this thread's call: its reading if it took one,
-    and the URL pattern it decided for."""
+def _asgi_path_info(scope: dict[str, Any]) -> str:
+    """The PATH_INFO Django's ASGIRequest will have for scope (its path less root_path)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _take_early(context: object | None = None) -> tuple[EarlyReading | None, str | None]:
+    """Take what read_heap_early decided for this call: its reading if it took one, and the
+    URL pattern it decided for. context: the call's asgiref request context, under ASGI."""
     global _early
     early, _early = _early, None
-    if early is None or early[0] != threading.get_ident():
-        return None, None  # another thread's: stale by now (see Recorder.begin_rss)
+    if early is None:
+        return None, None
+    owner = early[0]
+    if context is None:
+        mine = owner == threading.get_ident()
+    else:
+        mine = isinstance(owner, weakref.ref) and owner() is context
+    if not mine:
+        return None, None  # another call's: stale by now (see Recorder.begin_rss)
     return early[1], early[2]
 
 
@@ -349,7 +382,7 @@ class LeakGuardMiddleware:
             markcoroutinefunction(self)
             # Django would run a sync process_view in a thread: give it a coroutine.
             self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
-        elif memory.heap_available():
+        if memory.heap_available():
             request_started.connect(read_heap_early, dispatch_uid=_EARLY_UID)
 
     def process_view(
@@ -364,7 +397,7 @@ class LeakGuardMiddleware:
                 return  # read_heap_early decided for this pattern: no reading this time
             early = call.collect
             recorder.measure_heap(call, REQUEST, key[0])
-            if not early and call.heap_share is not None and not self.is_async:
+            if not early and call.heap_share is not None:
                 # Read here, not before the request: its path's pattern was not known then.
                 _remember_key(request, key[0])
 
@@ -395,8 +428,13 @@ class LeakGuardMiddleware:
             response: HttpResponseBase = await self.get_response(request)
             return response
         recorder = get_recorder()
-        call = recorder.begin_rss()
-        request._leakguard = (recorder, call, None)  # type: ignore[attr-defined]
+        early, decided = (None, None)
+        if _early is not None and _REQUEST_CONTEXT is not None:
+            early, decided = _take_early(_REQUEST_CONTEXT.get(None))
+            if early is not None:
+                early = recorder.read_again(early)
+        call = recorder.begin_rss(early)
+        request._leakguard = (recorder, call, decided)  # type: ignore[attr-defined]
         try:
             response = await self.get_response(request)
         except BaseException:  # CancelledError too: the client disconnected during the view

@@ -385,6 +385,24 @@ class Recorder(Flushing, HeapTiming):
             self._errors.exception("LeakGuard could not read the heap before a call")
             return None
 
+    def read_again(self, early: EarlyReading) -> EarlyReading | None:
+        """Read the heap signals again, without a collection, for a call read early.
+
+        Under ASGI the early reading comes inside Django's dispatch of request_started, run in
+        the request's thread by asgiref: its futures, tasks and copied context (about 110
+        pymalloc blocks) are alive then and freed before the call begins, and each call read
+        so counted them as freed. Its collection is what the call needs (the request is made
+        after it, in a young generation the call's end collects); the figures are read again
+        once the call begins. The request, its executor and the handler's own objects are
+        there then and freed by the end: counted as freed still (see docs/recording).
+        """
+        try:
+            heap = self._time_heap(collect=-1)
+        except Exception:
+            self._errors.exception("LeakGuard could not read the heap before a call")
+            return None
+        return None if heap is None else early._replace(heap=heap)
+
     def _count_early(self, call: Call, kind: str, key: str) -> None:
         """Count the early reading of call (see read_heap_early) for its key, now known."""
         name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))

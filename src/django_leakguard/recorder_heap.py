@@ -106,10 +106,11 @@ class HeapTiming:
         a collection of the youngest generation, cheap since it holds a few hundred objects
         at most. A process that disabled the collector is left alone. spent: seconds the
         caller spent on the reading already (held_memory), counted in its cost. collect: the
-        oldest generation collected (1 around a call read from before its request existed).
+        oldest generation collected (1 around a call read from before its request existed; -1:
+        none, see Recorder.read_again).
         """
         start = time.perf_counter() - spent
-        if gc.isenabled():
+        if collect >= 0 and gc.isenabled():
             gc.collect(collect)
         heap = memory.heap()
         if heap is None:
