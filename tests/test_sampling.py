@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -12,7 +13,7 @@ from django.test import Client
 from django_leakguard import memory, recorder, recorder_heap
 from django_leakguard.recorder import EarlyReading, Recorder
 from django_leakguard.recorder_process import get_recorder
-from django_leakguard.records import REQUEST
+from django_leakguard.records import REQUEST, TASK
 from django_leakguard.reporting.model import BLOCK_BYTES, Row, Workers
 from django_leakguard.reporting.ranking import build_report
 
@@ -22,11 +23,13 @@ _cache: dict[int, bytes] = {}
 
 
 @pytest.fixture
-def rec(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+def rec(monkeypatch: pytest.MonkeyPatch, settings: Any) -> Iterator[Recorder]:
     if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
         pytest.skip("glibc mallinfo2 is not available here")
     # Readings cost more than the budget: past its quota a key reads the heap on no call.
     monkeypatch.setattr(recorder_heap, "HEAP_PROBE_BUDGET", 0.0)
+    # Workers recycled after 100 requests: a process's calls are late from its 51st on.
+    settings.LEAKGUARD = {**getattr(settings, "LEAKGUARD", {}), "MAX_REQUESTS": 100}
     instance = get_recorder()
     instance.discard()
     yield instance
@@ -72,12 +75,15 @@ def test_calls_that_never_run_alone_stop_reading(
     rec.end(holder, REQUEST, "/holder/")
     busy = rec.totals()[REQUEST, "/busy/"]
     assert (busy.calls, busy.heap_calls) == (300, 0)
-    early = recorder.LATE_AFTER - 1  # past the warm-up call, all early calls read
+    early = 50 - 1  # past the warm-up call, all early calls read (late from the 51st call)
     # A reading at the call's heap reading and one at its end.
     assert len(reads) == 2 * (early + recorder.MAX_ATTEMPTS)
 
 
-def test_the_middleware_reads_per_key_once_the_url_is_resolved(rec: Recorder) -> None:
+def test_the_middleware_reads_per_key_once_the_url_is_resolved(
+    rec: Recorder, settings: Any
+) -> None:
+    settings.LEAKGUARD = {**settings.LEAKGUARD, "MAX_REQUESTS": 1000}  # all 80 calls early
     client = Client()
     for _ in range(40):
         client.get("/products/1/")
@@ -223,6 +229,60 @@ def test_a_filling_cache_levels_off_and_a_leak_grows(
     built = build_report(list(rows.values()), Workers(), source="database", since=None, until=None)
     assert [row.key for row in built.rows] == ["/leak/", "/cache/"]
     _cache.clear()
+
+
+def test_a_rare_key_s_cache_levels_off_within_a_short_process_life(rec: Recorder) -> None:
+    # A key with a third of a 100-request life (34 calls) whose cache is full after 8 calls:
+    # counted in its own calls (late after its 50th, as before), it had no late calls at all,
+    # and ranked with the leaks. Calls are late in the second half of their process's life.
+    kept: list[bytes] = []
+    for n in range(100):
+        if n % 3:
+            call(rec, "/leak/", lambda: kept.append(bytes(4096)))
+        else:
+            call(
+                rec,
+                "/cache/",
+                lambda: _cache.setdefault(len(_cache), bytes(4096)) if len(_cache) < 8 else None,
+            )
+    totals = rec.totals()
+    assert totals[REQUEST, "/cache/"].late_calls >= 10
+    assert totals[REQUEST, "/cache/"].heap_calls - totals[REQUEST, "/cache/"].late_calls >= 10
+    rows = {
+        key: Row(REQUEST, key, **{name: getattr(a, name) for name in a.__dataclass_fields__})
+        for (_, key), a in totals.items()
+    }
+    assert rows["/cache/"].trend == "levels off"
+    assert rows["/leak/"].trend == "grows"
+    _cache.clear()
+
+
+@pytest.mark.parametrize(
+    ("settings_value", "late_from"),
+    [({"MAX_REQUESTS": 1000}, 500), ({"MAX_REQUESTS": 0}, recorder.LATE_AFTER), ({}, 500)],
+)
+def test_late_from_half_the_life_recycling_gives(
+    settings: Any, settings_value: dict[str, int], late_from: int
+) -> None:
+    settings.LEAKGUARD = settings_value
+    assert recorder._late_from(REQUEST) == late_from
+    settings.LEAKGUARD = {"CELERY_MAX_TASKS_PER_CHILD": 40}
+    assert recorder._late_from(TASK) == 20  # tasks: Celery's limit
+    settings.LEAKGUARD = {"MAX_REQUESTS": "many"}  # invalid (the checks say so): the default
+    assert recorder._late_from(REQUEST) == recorder.LATE_AFTER
+
+
+def test_tasks_read_at_every_call_are_late_in_the_second_half_of_their_life(
+    rec: Recorder, settings: Any
+) -> None:
+    # Celery's tasks read the heap at every call (begin(read_heap=True)); they were never
+    # late, so no task had a trend.
+    settings.LEAKGUARD = {**settings.LEAKGUARD, "CELERY_MAX_TASKS_PER_CHILD": 40}
+    for _ in range(40):
+        c = rec.begin(read_heap=True, kind=TASK)
+        rec.end(c, TASK, "app.tasks.job")
+    job = rec.totals()[TASK, "app.tasks.job"]
+    assert (job.calls, job.heap_calls, job.late_calls) == (40, 39, 20)  # late from the 21st
 
 
 def test_confidence_and_no_extrapolation_from_a_handful() -> None:

@@ -136,7 +136,7 @@ def _task_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) ->
     if len(_calls) >= _MAX_IN_FLIGHT:
         _calls.pop(next(iter(_calls)), None)
     # A task lasts far longer than a heap reading (a few µs): always read it.
-    _calls[task_id] = get_recorder().begin(read_heap=True)
+    _calls[task_id] = get_recorder().begin(read_heap=True, kind=TASK)
 
 
 def _task_postrun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:

@@ -36,7 +36,15 @@ from django_leakguard.flusher import Flusher
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_flush import Flushing, RateLimitedLog
 from django_leakguard.recorder_heap import HeapTiming, held_memory
-from django_leakguard.records import KEY_MAX_LENGTH, Batch, Pending, WorkerState, Writer, fit_key
+from django_leakguard.records import (
+    KEY_MAX_LENGTH,
+    TASK,
+    Batch,
+    Pending,
+    WorkerState,
+    Writer,
+    fit_key,
+)
 from django_leakguard.tracing import Trace
 from django_leakguard.tracing_baseline import Baseline
 from django_leakguard.tracing_records import TraceResult
@@ -53,9 +61,11 @@ MAX_ATTEMPTS = 4 * MIN_READINGS
 # Where a key's readings of a band count those tries (see Recorder._readings_in): the band's
 # slot plus this.
 ATTEMPTS = 2
-# A key's calls past this many in a process are "late": a cache that fills up keeps memory
-# in its early calls only, a leak in its late calls too (see the report's "levels off").
-LATE_AFTER = 50
+# Calls are "late" once their process has served half the calls of its kind that recycling
+# gives it (MAX_REQUESTS, CELERY_MAX_TASKS_PER_CHILD): a cache that fills up keeps memory in
+# its process's early calls only, a leak in its late calls too (see the report's "levels
+# off"). Where recycling is off, late after this many calls of the kind.
+LATE_AFTER = 500
 # A call that begins alone within this many seconds of the previous call's closing sample
 # reuses it (see the module docstring); after a longer pause it reads memory afresh, so that
 # what background threads do while the process is idle is not charged to the next call.
@@ -63,6 +73,16 @@ REUSE_WINDOW = 0.002
 # Calls answered and awaiting their teardown that are noted for the exit flush (see
 # awaiting_close): more are in flight only if responses are kept unclosed (a leak of its own).
 AWAITING_MAX = 10_000
+
+
+def _late_from(kind: str) -> int:
+    """From how many calls of kind on a process's calls of that kind are late (LATE_AFTER)."""
+    try:
+        settings = conf.get_settings()
+        life = settings.CELERY_MAX_TASKS_PER_CHILD if kind == TASK else settings.MAX_REQUESTS
+    except Exception:  # invalid settings (the checks report them)
+        life = 0
+    return life // 2 if life >= 2 else LATE_AFTER
 
 
 class Recorder(Flushing, HeapTiming):
@@ -129,6 +149,9 @@ class Recorder(Flushing, HeapTiming):
                 costs.append(time.perf_counter() - start)
             self._heap_cost = min(costs)
         self._pending: Pending = {}
+        # Calls ended per kind in this process, and from how many on each kind's are late.
+        self._served: dict[str, int] = {}
+        self._late_from: dict[str, int] = {}
         # Calls per key in this process (past WARM_KEYS_MAX keys, new keys are not counted:
         # their calls are all early and none is warm-up).
         self._key_calls: dict[tuple[str, str], int] = {}
@@ -157,7 +180,7 @@ class Recorder(Flushing, HeapTiming):
 
     # The request path -------------------------------------------------------------------
 
-    def begin(self, *, read_heap: bool | None = None) -> Call:
+    def begin(self, *, read_heap: bool | None = None, kind: str | None = None) -> Call:
         """Sample memory and register a call in flight.
 
         read_heap=True reads both signals afresh whatever they cost (no sampled heap, no reuse
@@ -165,11 +188,13 @@ class Recorder(Flushing, HeapTiming):
         dwarfs a reading, and whose small numbers a sampled heap would leave unread.
         read_heap=False reads RSS only: the middleware decides once the key is known
         (measure_heap). None: a budgeted share of the calls read the heap.
+        kind: the call's kind, where known, for its heap reading's band (see LATE_AFTER).
         """
         if read_heap is False:
             return self.begin_rss()
         try:
             reads_heap = read_heap or (read_heap is None and self._reads_heap())
+            late = reads_heap and kind is not None and self._is_late(kind)
             # Unlocked first look: reuse the previous call's closing sample when it is fresh and
             # holds what this call reads; confirmed under the lock below.
             reuse = (
@@ -209,6 +234,7 @@ class Recorder(Flushing, HeapTiming):
                 )
                 if heap is not None:
                     call.threads = -1 if threads is None else threads
+                    call.late = late
                     if not in_flight:
                         call.alone_since = self._call_events
                 lost = self._sample(call, in_flight) if self._tracing else None
@@ -296,9 +322,9 @@ class Recorder(Flushing, HeapTiming):
         """Read the heap signals for call, now that its key is known, if the key needs them.
 
         Every call of a key reads them until the key has MIN_READINGS readings in the hour,
-        in each of its two bands (its first LATE_AFTER calls in this process, and the later
-        ones), of calls that ran alone (see _end); past that a budgeted share does
-        (HEAP_PROBE_BUDGET over the reading's cost). A key's first call in a process is
+        in each of its two bands (calls in the first half of their process's life, and the
+        later ones, see LATE_AFTER), of calls that ran alone (see _end); past that a budgeted
+        share does (HEAP_PROBE_BUDGET over the reading's cost). A key's first call in a process is
         warm-up and reads nothing. The cost is bounded: at most 2 x MAX_ATTEMPTS readings per
         key and hour (where few calls run alone), plus the budgeted share.
         """
@@ -338,12 +364,9 @@ class Recorder(Flushing, HeapTiming):
     def _heap_band(self, name: tuple[str, str], hour: int) -> bool | None:
         """Whether a call of name now is late (see LATE_AFTER), if it reads the heap; None if
         it does not (see measure_heap)."""
-        seen = self._key_calls.get(name)
-        if seen is None:
-            if len(self._key_calls) < WARM_KEYS_MAX:
-                return None  # the key's warm-up call
-            seen = 0  # past WARM_KEYS_MAX keys: no warm-up, every call early
-        late = seen >= LATE_AFTER
+        if name not in self._key_calls and len(self._key_calls) < WARM_KEYS_MAX:
+            return None  # the key's warm-up call
+        late = self._is_late(name[0])
         readings = self._readings_in(hour).get(name)
         enough = readings is not None and (
             readings[late] >= MIN_READINGS or readings[ATTEMPTS + late] >= MAX_ATTEMPTS
@@ -403,11 +426,18 @@ class Recorder(Flushing, HeapTiming):
             return None
         return None if heap is None else early._replace(heap=heap)
 
+    def _is_late(self, kind: str) -> bool:
+        """Whether a call of kind beginning now is late: its process has served half the calls
+        of that kind recycling gives it (see LATE_AFTER)."""
+        late_from = self._late_from.get(kind)
+        if late_from is None:
+            late_from = self._late_from[kind] = _late_from(kind)
+        return self._served.get(kind, 0) >= late_from
+
     def _count_early(self, call: Call, kind: str, key: str) -> None:
         """Count the early reading of call (see read_heap_early) for its key, now known."""
         name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
-        seen = self._key_calls.get(name)
-        call.late = seen is not None and seen >= LATE_AFTER
+        call.late = name in self._key_calls and self._is_late(kind)
         with self._lock:
             self._tally(name, ATTEMPTS + call.late, int(time.time()) // 3600)
 
@@ -460,8 +490,9 @@ class Recorder(Flushing, HeapTiming):
         return rate
 
     def settings_changed(self) -> None:
-        """Read TRACE_SAMPLE_RATE and TRACE_TOP_SITES again at the next call."""
+        """Read TRACE_SAMPLE_RATE, TRACE_TOP_SITES and the recycling limits again."""
         self._trace_rate = None
+        self._late_from = {}
         self._tracing = True
 
     def _end_trace(
@@ -560,6 +591,8 @@ class Recorder(Flushing, HeapTiming):
                 if heap is not None:
                     heap_growth, blocks_growth = self._join_end_heap(call, heap, n)
                 self._call_events += 1
+                served = self._served
+                served[kind] = served.get(kind, 0) + 1
                 key_calls = self._key_calls
                 seen = key_calls.get(name)
                 if seen is not None:

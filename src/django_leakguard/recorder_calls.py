@@ -35,7 +35,7 @@ class Call:
         # Recorder.measure_heap).
         self.heap_share = heap_share
         self.blocks_share = blocks_share
-        # Whether the call comes after its key's first LATE_AFTER calls in this process.
+        # Whether the call comes in the second half of its process's life (LATE_AFTER).
         self.late = False
         # The recorder's flush count when the call began: a call that overlaps a flush in its
         # process is not charged with what the flush allocated (see Recorder._flushes).

@@ -71,7 +71,7 @@ def abandon_at_exit(why: str) -> None:
 class _SuspendedRecorder(Recorder):
     """Records nothing: what get_recorder() returns inside suspended()."""
 
-    def begin(self, *, read_heap: bool | None = None) -> Call:
+    def begin(self, *, read_heap: bool | None = None, kind: str | None = None) -> Call:
         return Call(-1, 0.0, None)
 
     def end(

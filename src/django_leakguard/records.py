@@ -182,7 +182,7 @@ class Aggregate(Counts):
     ) -> None:
         """Count one call: its RSS growth, and its heap signals when it read them.
 
-        late: the call came after its key's first calls in its process (recorder.LATE_AFTER).
+        late: the call came in the second half of its process's life (recorder.LATE_AFTER).
         """
         if self.calls == 0 or rss_growth > self.rss_growth_max:
             self.rss_growth_max = rss_growth

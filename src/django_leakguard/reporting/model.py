@@ -120,8 +120,8 @@ class Row(Counts):
         """ "levels off" when the late calls keep little of what the early ones kept (a cache
         filling up), "grows" when they keep as much, None when there are too few readings.
 
-        Early and late are a key's first calls in each process and the ones after
-        (recorder.LATE_AFTER), so recycled workers each fill their own cache again.
+        Early and late are a key's calls in the first half of each process's life and the ones
+        after (recorder.LATE_AFTER), so recycled workers each fill their own cache again.
         """
         late = self.late_calls
         early = self.heap_calls - late
