@@ -23,7 +23,8 @@ MIN_EXTRAPOLATE = 5
 CONFIDENT_READINGS = 30
 # The trend needs this many readings in each band; growth per call below TREND_NOISE bytes is
 # noise; late calls keeping less than LEVELS_OFF_RATIO of the early ones' is levelling off.
-TREND_READINGS = 10
+# (Under 20, noise labelled a leak under Uvicorn workers "levels off" on 13 late readings.)
+TREND_READINGS = 20
 TREND_NOISE = 256
 LEVELS_OFF_RATIO = 0.25
 # Below these, rankings and recommendations are noise: the report says so in words.
