@@ -303,14 +303,8 @@ class _Context:
     """Stands in for asgiref's ThreadSensitiveContext (weakly referable, compared by identity)."""
 
 
-class _Forgetful(dict[int, str]):
-    """A path memo that never knows a path: every call reads the heap at process_view."""
-
-    def get(self, key: int, default: object = None) -> None:  # type: ignore[override]
-        return None
-
-
-@override_settings(
+# Views served behind the session and authentication middleware, as in most projects.
+_with_a_session_and_a_user = override_settings(
     ROOT_URLCONF=__name__,
     ALLOWED_HOSTS=["testserver"],
     MIDDLEWARE=[
@@ -320,6 +314,16 @@ class _Forgetful(dict[int, str]):
     ],
     SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
 )
+
+
+class _Forgetful(dict[int, str]):
+    """A path memo that never knows a path: every call reads the heap at process_view."""
+
+    def get(self, key: int, default: object = None) -> None:  # type: ignore[override]
+        return None
+
+
+@_with_a_session_and_a_user
 def test_what_a_view_hangs_on_its_request_is_not_kept(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,16 +353,7 @@ def test_what_a_view_hangs_on_its_request_is_not_kept(
     _kept_things.clear()
 
 
-@override_settings(
-    ROOT_URLCONF=__name__,
-    ALLOWED_HOSTS=["testserver"],
-    MIDDLEWARE=[
-        "django_leakguard.middleware.LeakGuardMiddleware",
-        "django.contrib.sessions.middleware.SessionMiddleware",
-        "django.contrib.auth.middleware.AuthenticationMiddleware",
-    ],
-    SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
-)
+@_with_a_session_and_a_user
 @pytest.mark.skipif(
     tuple(int(part) for part in asgiref.__version__.split(".")[:2]) < (3, 13),
     reason="asgiref before 3.13 keeps the request's executor in a reference cycle, with the "
