@@ -384,7 +384,9 @@ def test_uwsgi_s_buffer_for_the_response_headers_is_not_kept(tmp_path: Path, htt
     assert abs(plain["blocks_growth"] / plain["heap_calls"]) < 10, stored
     per_call = plain["heap_growth"] / plain["heap_calls"]
     print(f"{http}: {per_call:.0f} B of heap a call kept by a view that keeps nothing")
-    assert -1024 < per_call < 1024, stored  # the headers' buffer (4,160 B) not counted
+    # The headers' buffer (4,160 B) not counted. Some 30 readings: one 32 KiB allocation of the
+    # worker's own (a table growing) among them moves the mean by 1 KiB (seen once in CI).
+    assert -2048 < per_call < 2048, stored
     leak = stored["/leak/retain/"]
     assert leak["heap_calls"] >= 5, stored
     per_call = leak["heap_growth"] / leak["heap_calls"]
