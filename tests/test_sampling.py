@@ -44,6 +44,14 @@ def call(rec: Recorder, key: str, work: object = None) -> None:
     rec.end(c, REQUEST, key)
 
 
+def _report_rows(totals: dict[tuple[str, str], Any]) -> dict[str, Row]:
+    """The report's rows of the recorder's totals (one process, one hour), by key."""
+    return {
+        key: Row(REQUEST, key, **{name: getattr(a, name) for name in a.__dataclass_fields__})
+        for (_, key), a in totals.items()
+    }
+
+
 def test_every_call_reads_until_the_key_has_enough_readings(rec: Recorder) -> None:
     for _ in range(200):
         call(rec, "/hot/")
@@ -220,10 +228,7 @@ def test_a_filling_cache_levels_off_and_a_leak_grows(
     for _ in range(200):
         call(rec, "/leak/", leak)
         call(rec, "/cache/", cache)
-    rows = {
-        key: Row(REQUEST, key, **{name: getattr(a, name) for name in a.__dataclass_fields__})
-        for (_, key), a in rec.totals().items()
-    }
+    rows = _report_rows(rec.totals())
     assert rows["/leak/"].trend == "grows"
     assert rows["/cache/"].trend == "levels off"
     built = build_report(list(rows.values()), Workers(), source="database", since=None, until=None)
@@ -248,10 +253,7 @@ def test_a_rare_key_s_cache_levels_off_within_a_short_process_life(rec: Recorder
     totals = rec.totals()
     assert totals[REQUEST, "/cache/"].late_calls >= 20
     assert totals[REQUEST, "/cache/"].heap_calls - totals[REQUEST, "/cache/"].late_calls >= 20
-    rows = {
-        key: Row(REQUEST, key, **{name: getattr(a, name) for name in a.__dataclass_fields__})
-        for (_, key), a in totals.items()
-    }
+    rows = _report_rows(totals)
     assert rows["/cache/"].trend == "levels off"
     assert rows["/leak/"].trend == "grows"
     _cache.clear()
@@ -265,11 +267,11 @@ def test_late_from_half_the_life_recycling_gives(
     settings: Any, settings_value: dict[str, int], late_from: int
 ) -> None:
     settings.LEAKGUARD = settings_value
-    assert recorder._late_from(REQUEST) == late_from
+    assert recorder._half_life(REQUEST) == late_from
     settings.LEAKGUARD = {"CELERY_MAX_TASKS_PER_CHILD": 40}
-    assert recorder._late_from(TASK) == 20  # tasks: Celery's limit
+    assert recorder._half_life(TASK) == 20  # tasks: Celery's limit
     settings.LEAKGUARD = {"MAX_REQUESTS": "many"}  # invalid (the checks say so): the default
-    assert recorder._late_from(REQUEST) == recorder.LATE_AFTER
+    assert recorder._half_life(REQUEST) == recorder.LATE_AFTER
 
 
 def test_tasks_read_at_every_call_are_late_in_the_second_half_of_their_life(

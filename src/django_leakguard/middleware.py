@@ -453,7 +453,15 @@ def _end_at_close(
     key, view = ended_key(request)
     context = None if _REQUEST_CONTEXT is None else _REQUEST_CONTEXT.get(None)
     try:
-        response.close = _EndAtClose(recorder, call, response.close, key, view, context, loop)  # type: ignore[method-assign]
+        response.close = _EndAtClose(  # type: ignore[method-assign]
+            recorder,
+            call,
+            response.close,
+            key,
+            view,
+            context,
+            loop,
+        )
     except Exception:  # a response object that does not take attributes: end the call now
         recorder.end(call, REQUEST, key, view)
     else:

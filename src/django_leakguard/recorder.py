@@ -75,7 +75,7 @@ REUSE_WINDOW = 0.002
 AWAITING_MAX = 10_000
 
 
-def _late_from(kind: str) -> int:
+def _half_life(kind: str) -> int:
     """From how many calls of kind on a process's calls of that kind are late (LATE_AFTER)."""
     try:
         settings = conf.get_settings()
@@ -153,7 +153,7 @@ class Recorder(Flushing, HeapTiming):
         self._served: dict[str, int] = {}
         self._late_from: dict[str, int] = {}
         # Calls per key in this process (past WARM_KEYS_MAX keys, new keys are not counted:
-        # their calls are all early and none is warm-up).
+        # none of their calls is warm-up).
         self._key_calls: dict[tuple[str, str], int] = {}
         # Heap readings per key in the current hour (see _readings_in and measure_heap).
         self._readings: dict[tuple[str, str], list[int]] = {}
@@ -431,13 +431,13 @@ class Recorder(Flushing, HeapTiming):
         of that kind recycling gives it (see LATE_AFTER)."""
         late_from = self._late_from.get(kind)
         if late_from is None:
-            late_from = self._late_from[kind] = _late_from(kind)
+            late_from = self._late_from[kind] = _half_life(kind)
         return self._served.get(kind, 0) >= late_from
 
     def _count_early(self, call: Call, kind: str, key: str) -> None:
         """Count the early reading of call (see read_heap_early) for its key, now known."""
         name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
-        call.late = name in self._key_calls and self._is_late(kind)
+        call.late = self._is_late(kind)  # as read_heap_early's band (no call came between)
         with self._lock:
             self._tally(name, ATTEMPTS + call.late, int(time.time()) // 3600)
 
