@@ -104,7 +104,8 @@ class HeapTiming:
         Objects of the call that are only waiting for the cyclic collector (a request and its
         lazy user refer to each other) are freed first, so that they do not count as kept:
         a collection of the youngest generation, cheap since it holds a few hundred objects
-        at most. A process that disabled the collector is left alone. spent: seconds the
+        at most. A process that disabled the collector is left alone. Names made at run time
+        that only CPython's type attribute cache refers to are freed too. spent: seconds the
         caller spent on the reading already (held_memory), counted in its cost. collect: the
         oldest generation collected (1 around a call read from before its request existed; -1:
         none, see Recorder.read_again).
@@ -112,6 +113,8 @@ class HeapTiming:
         start = time.perf_counter() - spent
         if collect >= 0 and gc.isenabled():
             gc.collect(collect)
+        # Names made at run time that only the type cache refers to (see memory): not kept.
+        memory.clear_type_cache()
         heap = memory.heap()
         if heap is None:
             return None  # pragma: no cover - CI has glibc >= 2.33
