@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 
-from django_leakguard import conf, memory
+from django_leakguard import conf, lifespan, memory
 from django_leakguard.records import TASK
 from django_leakguard.recycling import celery_limits
 from django_leakguard.units import format_bytes
@@ -108,6 +108,8 @@ def apply_limits(worker: Any) -> None:
         worker.max_tasks_per_child = limits.max_tasks_per_child
         app_conf.worker_max_tasks_per_child = limits.max_tasks_per_child
         tasks_source = "LEAKGUARD"
+    # The pool's children inherit it: their calls are late by their real life (lifespan).
+    lifespan.set_celery_max_tasks(worker.max_tasks_per_child)
     memory_source = "explicit"
     if worker.max_memory_per_child is None and limits.max_memory_per_child is not None:
         worker.max_memory_per_child = limits.max_memory_per_child

@@ -31,7 +31,7 @@ from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import NamedTuple
 
-from django_leakguard import conf, memory, threads, tracing
+from django_leakguard import conf, lifespan, memory, threads, tracing
 from django_leakguard.flusher import Flusher
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_flush import Flushing, RateLimitedLog
@@ -77,11 +77,14 @@ AWAITING_MAX = 10_000
 
 def _half_life(kind: str) -> int:
     """From how many calls of kind on a process's calls of that kind are late (LATE_AFTER)."""
-    try:
-        settings = conf.get_settings()
-        life = settings.CELERY_MAX_TASKS_PER_CHILD if kind == TASK else settings.MAX_REQUESTS
-    except Exception:  # invalid settings (the checks report them)
-        life = 0
+    # The server's or queue's own count where this process can tell it (see lifespan).
+    life = lifespan.recycled_after(kind)
+    if life is None:
+        try:
+            settings = conf.get_settings()
+            life = settings.CELERY_MAX_TASKS_PER_CHILD if kind == TASK else settings.MAX_REQUESTS
+        except Exception:  # invalid settings (the checks report them)
+            life = 0
     return life // 2 if life >= 2 else LATE_AFTER
 
 

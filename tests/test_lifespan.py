@@ -1,0 +1,110 @@
+"""A worker's calls are early or late by the life its server really gives it (lifespan.py).
+
+LEAKGUARD's MAX_REQUESTS (1,000 by default) is what our own Gunicorn config applies; a server
+configured elsewhere recycles after its own count, and the halves of a worker's life that tell
+a cache from a leak follow that count where the worker can read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from django_leakguard import lifespan, recorder
+from django_leakguard.records import REQUEST, TASK
+from tests import servers
+
+LIFE = 40  # the server's max-requests; LEAKGUARD's MAX_REQUESTS stays at its default
+CALLS = 30
+
+
+def _early_and_late(env: dict[str, str]) -> tuple[int, int]:
+    stored = servers.stored_sums(env, "request", ("heap_calls", "late_calls"))
+    row = stored["/products/<int:pk>/"]
+    return row["heap_calls"] - row["late_calls"], row["late_calls"]
+
+
+def _serve(server: servers.Server) -> None:
+    for n in range(1, CALLS + 1):
+        assert servers.get(server.url(f"/products/{n}/"))[0] == 200
+    server.stop()
+
+
+@pytest.mark.servers
+def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
+    env = servers.project_env(tmp_path / "db.sqlite3", LEAKGUARD_FLUSH_INTERVAL=3600)
+    servers.migrate(env)
+    port = servers.free_port()
+    # Not our Gunicorn config: Gunicorn's own max_requests, which LEAKGUARD does not know.
+    command = servers.gunicorn_command(
+        "testproject.wsgi:application",
+        port,
+        config=None,
+        workers=1,
+        extra=["--max-requests", str(LIFE)],
+    )
+    with servers.running(
+        "gunicorn",
+        command,
+        env=env,
+        log_path=tmp_path / "gunicorn.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/"),
+    ) as server:
+        _serve(server)
+    early, late = _early_and_late(env)
+    # Late from the worker's 21st request (the readiness probe was its first): before, from
+    # its 501st (MAX_REQUESTS / 2), so none of these.
+    assert late >= CALLS - LIFE // 2 - 2, (early, late)
+    assert early >= LIFE // 2 - 3, (early, late)
+
+
+@pytest.mark.servers
+def test_uwsgi_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
+    env = servers.project_env(tmp_path / "db.sqlite3", LEAKGUARD_FLUSH_INTERVAL=3600)
+    servers.migrate(env)
+    port = servers.free_port()
+    command = servers.uwsgi_command(
+        "testproject.wsgi:application",
+        port,
+        extra=["--processes", "1", "--disable-logging", "--max-requests", str(LIFE)],
+    )
+    with servers.running(
+        "uwsgi",
+        command,
+        env=env,
+        log_path=tmp_path / "uwsgi.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/"),
+    ) as server:
+        _serve(server)
+    early, late = _early_and_late(env)
+    assert late >= CALLS - LIFE // 2 - 2, (early, late)
+    assert early >= LIFE // 2 - 3, (early, late)
+
+
+def test_outside_a_server_the_settings_decide(settings: object) -> None:
+    settings.LEAKGUARD = {"MAX_REQUESTS": 300}  # type: ignore[attr-defined]
+    assert lifespan.recycled_after(REQUEST) is None
+    assert recorder._half_life(REQUEST) == 150
+
+
+def test_a_celery_pool_s_tasks_per_child_decide_the_halves(
+    monkeypatch: pytest.MonkeyPatch, settings: object
+) -> None:
+    settings.LEAKGUARD = {"CELERY_MAX_TASKS_PER_CHILD": 100}  # type: ignore[attr-defined]
+    monkeypatch.setattr(lifespan, "_celery_max_tasks", None)
+    assert recorder._half_life(TASK) == 50  # no pool seen: LEAKGUARD's setting
+    lifespan.set_celery_max_tasks(16)  # the pool's own (--max-tasks-per-child 16)
+    assert recorder._half_life(TASK) == 8
+    lifespan.set_celery_max_tasks(None)  # no limit: children live on
+    assert recorder._half_life(TASK) == recorder.LATE_AFTER
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [(b"40", 40), ([b"10", b"40"], 40), ("7", 7), (b"", 0), (b"many", 0), (None, 0), ([], 0)],
+)
+def test_uwsgi_option_values_are_read_as_numbers(value: object, number: int) -> None:
+    assert lifespan._number(value) == number
