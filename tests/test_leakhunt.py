@@ -10,6 +10,7 @@ import tracemalloc
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group, User
@@ -487,6 +488,34 @@ def test_unsuccessful_responses_are_warned_about() -> None:
         stderr=err,
     )
     assert err.getvalue() == ""
+
+
+def test_replays_name_a_host_the_project_allows(settings: Any) -> None:
+    # Django's test runner allows "testserver"; a project's own settings usually do not, and
+    # every replayed request was answered 400 (DisallowedHost, from CommonMiddleware here).
+    settings.MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
+    settings.ALLOWED_HOSTS = ["shop.example.com", ".example.org"]
+    assert hunt.replay_host() == "shop.example.com"
+    assert hunt.hunt("/products/1/", requests=2, warmup=1).statuses == {200: 5}
+    settings.ALLOWED_HOSTS = [".example.org"]
+    assert hunt.replay_host() == "example.org"
+    settings.ALLOWED_HOSTS = ["*"]
+    assert hunt.replay_host() == "testserver"
+
+
+def test_a_host_the_project_does_not_allow_is_named_in_the_warning(settings: Any) -> None:
+    settings.MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
+    settings.ALLOWED_HOSTS = ["*.example.com"]  # no host leakhunt can take from it
+    err = StringIO()
+    call_command(
+        "leakhunt", "/products/1/", "--requests", "2", "--force", stdout=StringIO(), stderr=err
+    )
+    assert err.getvalue() == (
+        "Warning: 24 of 24 responses were not successful (400 x24): the view may not have done "
+        "its usual work, so what it keeps was not measured. The requests were for the host "
+        "'testserver', which ALLOWED_HOSTS does not allow (Django answers 400): add it to "
+        "ALLOWED_HOSTS, or pass another with --header 'Host: name'.\n"
+    )
 
 
 @pytest.mark.urls(__name__)

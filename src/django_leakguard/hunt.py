@@ -20,6 +20,7 @@ from django.contrib.auth import get_user_model
 from django.core.signals import got_request_exception, request_finished, request_started
 from django.db import close_old_connections, connections, transaction
 from django.http import HttpResponseBase
+from django.http.request import validate_host
 from django.test import Client
 from django.urls import Resolver404, resolve
 
@@ -101,7 +102,13 @@ def unsuccessful_warning(
     total = sum(result.statuses.values())
     codes = ", ".join(f"{code} x{count}" for code, count in failed.items())
     hint = "Check the path, the method and the view's logs."
-    if not (logged_in or with_headers) and any(code in (301, 302, 401, 403) for code in failed):
+    if 400 in failed and not with_headers and not validate_host(replay_host(), _allowed_hosts()):
+        hint = (
+            f"The requests were for the host {replay_host()!r}, which ALLOWED_HOSTS does not "
+            "allow (Django answers 400): add it to ALLOWED_HOSTS, or pass another with "
+            "--header 'Host: name'."
+        )
+    elif not (logged_in or with_headers) and any(code in (301, 302, 401, 403) for code in failed):
         hint = (
             "If the view needs a logged-in user, pass --user USERNAME; if it needs an API key "
             "or a token, pass it with --header 'Name: value'; otherwise check the path and "
@@ -212,6 +219,26 @@ def _sites(snapshot: tracemalloc.Snapshot) -> tuple[int, dict[tuple[str, int], S
     return size, {(site.filename, site.lineno): site for site in sites}
 
 
+def _allowed_hosts() -> list[str]:
+    allowed = list(settings.ALLOWED_HOSTS)
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]  # what Django allows then
+    return allowed
+
+
+def replay_host() -> str:
+    """The host replayed requests are for: the test client's "testserver" where ALLOWED_HOSTS
+    allows it, else the first host it names (a pattern's domain for ".example.com")."""
+    allowed = _allowed_hosts()
+    if validate_host("testserver", allowed):
+        return "testserver"
+    for pattern in allowed:
+        host = pattern.lstrip(".")
+        if host and "*" not in host and validate_host(host, allowed):
+            return host
+    return "testserver"
+
+
 class ReplayClient(Client):
     """A test client that replays thousands of requests without growing itself.
 
@@ -222,7 +249,9 @@ class ReplayClient(Client):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        # A host the project allows: Django's test runner adds the test client's "testserver"
+        # to ALLOWED_HOSTS, leakhunt does not, and every replay was a 400 where it is missing.
+        super().__init__(SERVER_NAME=replay_host())
         self.handler = ReplayHandler(enforce_csrf_checks=False)
 
     def request(self, **request: Any) -> Any:
