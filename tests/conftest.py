@@ -96,12 +96,15 @@ def redis_url() -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_recorder() -> Iterator[None]:
-    """Start every test with an empty recorder and leave nothing pending for the exit flush."""
+    """Start every test with an empty recorder and leave nothing pending for the exit flush;
+    and forget the Celery pool a test configured (lifespan: a worker's parent notes it)."""
+    from django_leakguard import lifespan
     from django_leakguard.recorder_process import get_recorder
 
     get_recorder().discard()
     yield
     get_recorder().discard()
+    lifespan._celery_max_tasks = None
 
 
 @pytest.fixture(autouse=True)

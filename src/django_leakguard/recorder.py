@@ -21,6 +21,7 @@ as soon as another call begins in the process, so two calls are never traced tog
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import socket
@@ -642,9 +643,14 @@ class Recorder(Flushing, HeapTiming):
         start = time.perf_counter()
         if call.threads >= 0:
             self._wait_for_threads(call.threads)
+        # Garbage first: a template's rendering context (a reference cycle, garbage once the
+        # page is rendered) refers to the objects of the response's context too, which would
+        # not look the response's own.
+        if gc.isenabled():
+            gc.collect(call.collect)
         # What the caller frees right after (the response) is not kept by the call.
         held_heap, held_blocks = held_memory(held) if held else (0, 0)
-        heap = self._time_heap(time.perf_counter() - start, call.collect)
+        heap = self._time_heap(time.perf_counter() - start, collect=-1)
         if heap is None:
             return None
         return heap[0] - held_heap - server_heap, heap[1] - held_blocks

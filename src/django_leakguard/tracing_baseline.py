@@ -15,6 +15,9 @@ from django_leakguard.tracing_sites import Cell, Place, frames_cell, is_user_fil
 # closers and content are a few dozen.
 HELD_PARTS = 64
 
+# Objects owned_parts remembers having reached from some, not yet all, of their holders.
+REACHED_MAX = 100_000
+
 # The place of held bytes that may have been allocated anywhere under their site.
 ANY_PLACE: Place = ("", 0)
 
@@ -86,11 +89,21 @@ def _owned(root: object, counted: set[int]) -> tuple[int, int]:
     return size, count
 
 
-def owned_parts(root: object, counted: Iterable[int] = ()) -> Iterator[object]:
+def owned_parts(
+    root: object, counted: Iterable[int] = (), limit: int = HELD_PARTS
+) -> Iterator[object]:
     """Yield what only root refers to, directly or through such objects (see _owned), at
-    most HELD_PARTS of them."""
+    most limit of them.
+
+    An object is root's own once every reference to it comes from root's own objects: one
+    that two of them refer to (a template response's context and its view both refer to the
+    page's list of objects) is yielded when the walk has reached it from both.
+    """
     count = 0
     seen = {id(root), *counted}
+    # Objects reached from fewer of root's own objects than refer to them, and how often:
+    # they may be reached again (at most REACHED_MAX remembered).
+    reached: dict[int, int] = {}
     queue = [root]
     for container in queue:  # breadth first: the list grows while it is walked
         for part in gc.get_referents(container):
@@ -98,12 +111,20 @@ def owned_parts(root: object, counted: Iterable[int] = ()) -> Iterator[object]:
             walk = _WALK.get(kind)
             if walk is None:
                 walk = _walk_of(kind)
-            if walk is _SKIP or sys.getrefcount(part) > _ONE_OWNER or id(part) in seen:
+            if walk is _SKIP or id(part) in seen:
                 continue
+            holders = sys.getrefcount(part) - _ONE_OWNER + 1
+            if holders > 1:
+                times = reached.get(id(part), 0) + 1
+                if times < holders:
+                    if times > 1 or len(reached) < REACHED_MAX:
+                        reached[id(part)] = times
+                    continue
+                del reached[id(part)]
             seen.add(id(part))
             yield part
             count += 1
-            if count >= HELD_PARTS:
+            if count >= limit:
                 return
             if walk is _INTO:
                 queue.append(part)
