@@ -19,22 +19,29 @@ LIFE = 40  # the server's max-requests; LEAKGUARD's MAX_REQUESTS stays at its de
 CALLS = 30
 
 
-def _early_and_late(env: dict[str, str]) -> tuple[int, int]:
+def _early_and_late(tmp_path: Path, name: str, command: list[str], port: int) -> tuple[int, int]:
+    """Serve CALLS product pages from the server command starts; return the readings of calls
+    early and late in the worker's life, as stored at its stop."""
+    env = servers.project_env(tmp_path / "db.sqlite3", LEAKGUARD_FLUSH_INTERVAL=3600)
+    servers.migrate(env)
+    with servers.running(
+        name,
+        command,
+        env=env,
+        log_path=tmp_path / f"{name}.log",
+        port=port,
+        ready=lambda server: server.wait_for_http("/"),
+    ) as server:
+        for n in range(1, CALLS + 1):
+            assert servers.get(server.url(f"/products/{n}/"))[0] == 200
+        server.stop()
     stored = servers.stored_sums(env, "request", ("heap_calls", "late_calls"))
     row = stored["/products/<int:pk>/"]
     return row["heap_calls"] - row["late_calls"], row["late_calls"]
 
 
-def _serve(server: servers.Server) -> None:
-    for n in range(1, CALLS + 1):
-        assert servers.get(server.url(f"/products/{n}/"))[0] == 200
-    server.stop()
-
-
 @pytest.mark.servers
 def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
-    env = servers.project_env(tmp_path / "db.sqlite3", LEAKGUARD_FLUSH_INTERVAL=3600)
-    servers.migrate(env)
     port = servers.free_port()
     # Not our Gunicorn config: Gunicorn's own max_requests, which LEAKGUARD does not know.
     command = servers.gunicorn_command(
@@ -44,16 +51,7 @@ def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
         workers=1,
         extra=["--max-requests", str(LIFE)],
     )
-    with servers.running(
-        "gunicorn",
-        command,
-        env=env,
-        log_path=tmp_path / "gunicorn.log",
-        port=port,
-        ready=lambda server: server.wait_for_http("/"),
-    ) as server:
-        _serve(server)
-    early, late = _early_and_late(env)
+    early, late = _early_and_late(tmp_path, "gunicorn", command, port)
     # Late from the worker's 21st request (the readiness probe was its first): before, from
     # its 501st (MAX_REQUESTS / 2), so none of these.
     assert late >= CALLS - LIFE // 2 - 2, (early, late)
@@ -62,24 +60,13 @@ def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
 
 @pytest.mark.servers
 def test_uwsgi_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
-    env = servers.project_env(tmp_path / "db.sqlite3", LEAKGUARD_FLUSH_INTERVAL=3600)
-    servers.migrate(env)
     port = servers.free_port()
     command = servers.uwsgi_command(
         "testproject.wsgi:application",
         port,
         extra=["--processes", "1", "--disable-logging", "--max-requests", str(LIFE)],
     )
-    with servers.running(
-        "uwsgi",
-        command,
-        env=env,
-        log_path=tmp_path / "uwsgi.log",
-        port=port,
-        ready=lambda server: server.wait_for_http("/"),
-    ) as server:
-        _serve(server)
-    early, late = _early_and_late(env)
+    early, late = _early_and_late(tmp_path, "uwsgi", command, port)
     assert late >= CALLS - LIFE // 2 - 2, (early, late)
     assert early >= LIFE // 2 - 3, (early, late)
 
