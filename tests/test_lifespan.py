@@ -40,6 +40,13 @@ def _early_and_late(tmp_path: Path, name: str, command: list[str], port: int) ->
     return row["heap_calls"] - row["late_calls"], row["late_calls"]
 
 
+def _assert_halves_by(life: int, early: int, late: int) -> None:
+    # Late from the worker's (life / 2 + 1)th request (the readiness probe was its first):
+    # by LEAKGUARD's MAX_REQUESTS, from its 501st, so none of these.
+    assert late >= CALLS - life // 2 - 2, (early, late)
+    assert early >= life // 2 - 3, (early, late)
+
+
 @pytest.mark.servers
 def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
     port = servers.free_port()
@@ -51,11 +58,7 @@ def test_gunicorn_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
         workers=1,
         extra=["--max-requests", str(LIFE)],
     )
-    early, late = _early_and_late(tmp_path, "gunicorn", command, port)
-    # Late from the worker's 21st request (the readiness probe was its first): before, from
-    # its 501st (MAX_REQUESTS / 2), so none of these.
-    assert late >= CALLS - LIFE // 2 - 2, (early, late)
-    assert early >= LIFE // 2 - 3, (early, late)
+    _assert_halves_by(LIFE, *_early_and_late(tmp_path, "gunicorn", command, port))
 
 
 @pytest.mark.servers
@@ -66,9 +69,7 @@ def test_uwsgi_s_own_max_requests_decides_the_halves(tmp_path: Path) -> None:
         port,
         extra=["--processes", "1", "--disable-logging", "--max-requests", str(LIFE)],
     )
-    early, late = _early_and_late(tmp_path, "uwsgi", command, port)
-    assert late >= CALLS - LIFE // 2 - 2, (early, late)
-    assert early >= LIFE // 2 - 3, (early, late)
+    _assert_halves_by(LIFE, *_early_and_late(tmp_path, "uwsgi", command, port))
 
 
 def test_outside_a_server_the_settings_decide(settings: object) -> None:
@@ -94,4 +95,10 @@ def test_a_celery_pool_s_tasks_per_child_decide_the_halves(
     [(b"40", 40), ([b"10", b"40"], 40), ("7", 7), (b"", 0), (b"many", 0), (None, 0), ([], 0)],
 )
 def test_uwsgi_option_values_are_read_as_numbers(value: object, number: int) -> None:
-    assert lifespan._number(value) == number
+    assert lifespan._uwsgi_worker_limit({"max-requests": value}, 1) == number
+    assert lifespan._uwsgi_worker_limit({"max_requests": value}, 1) == number  # ini spelling
+
+
+def test_uwsgi_s_delta_spreads_the_workers_limits() -> None:
+    opt = {"max-requests": b"40", "max-requests-delta": b"5"}
+    assert [lifespan._uwsgi_worker_limit(opt, worker) for worker in (1, 2, 3)] == [40, 45, 50]

@@ -102,9 +102,10 @@ def unsuccessful_warning(
     total = sum(result.statuses.values())
     codes = ", ".join(f"{code} x{count}" for code, count in failed.items())
     hint = "Check the path, the method and the view's logs."
-    if 400 in failed and not with_headers and not validate_host(replay_host(), _allowed_hosts()):
+    host = replay_host()
+    if 400 in failed and not with_headers and not validate_host(host, _allowed_hosts()):
         hint = (
-            f"The requests were for the host {replay_host()!r}, which ALLOWED_HOSTS does not "
+            f"The requests were for the host {host!r}, which ALLOWED_HOSTS does not "
             "allow (Django answers 400): add it to ALLOWED_HOSTS, or pass another with "
             "--header 'Host: name'."
         )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from django_leakguard.records import TASK
 
@@ -60,23 +62,19 @@ def _uwsgi_max_requests() -> int | None:
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is None:
         return None
-    options = uwsgi.opt
-    limit = _number(options.get("max-requests", options.get("max_requests")))
-    if not limit:
-        return 0
-    delta = _number(options.get("max-requests-delta", options.get("max_requests_delta")))
-    if delta:
-        # uWSGI gives worker i (from 1) max-requests + (i - 1) x delta: they restart apart.
-        limit += delta * max(int(uwsgi.worker_id()) - 1, 0)
-    return limit
+    return _uwsgi_worker_limit(uwsgi.opt, int(uwsgi.worker_id()))
 
 
-def _number(value: object) -> int:
-    if isinstance(value, list):  # a repeated option: the last one counts
-        value = value[-1] if value else None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    try:
-        return max(0, int(str(value).strip()))
-    except ValueError:
+def _uwsgi_worker_limit(opt: Mapping[Any, object], worker_id: int) -> int:
+    """The max-requests uWSGI's options opt (as uwsgi.opt holds them) give worker worker_id;
+    0 where they set none."""
+    # Only under uWSGI: the config reader is not loaded in every process.
+    from django_leakguard.server_configs import UwsgiConfig, uwsgi_options
+
+    config = UwsgiConfig("uwsgi.opt", uwsgi_options(opt))
+    limit = config.number("max-requests") or 0
+    if limit <= 0:
         return 0
+    # uWSGI gives worker i (from 1) max-requests + (i - 1) x delta: they restart apart.
+    delta = max(config.number("max-requests-delta") or 0, 0)
+    return limit + delta * max(worker_id - 1, 0)

@@ -301,13 +301,19 @@ def _option_value(value: object) -> str:
     return str(value)
 
 
+def uwsgi_options(opt: Mapping[Any, object]) -> dict[str, str]:
+    """Return uWSGI options as uwsgi.opt holds them (bytes, lists of repeated values) by name,
+    as UwsgiConfig takes them."""
+    return {_option_name(str(key)): _option_value(value) for key, value in opt.items()}
+
+
 def live_uwsgi_options() -> dict[str, str] | None:
     """Return the options of the uWSGI this process runs in, or None outside uWSGI."""
     try:
         import uwsgi  # type: ignore[import-untyped,unused-ignore]  # only inside uWSGI
     except ImportError:
         return None
-    return {_option_name(str(key)): _option_value(value) for key, value in uwsgi.opt.items()}
+    return uwsgi_options(uwsgi.opt)
 
 
 def read_uwsgi_ini(path: Path, section: str = "uwsgi") -> UwsgiConfig:
