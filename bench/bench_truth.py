@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         env = harness.project_env(url, plan)
         os.environ.update(env)
-        sys.path.insert(0, env["PYTHONPATH"])
+        sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
         kept = serve(plan, args.collect)
     print(
         f"seed {args.seed}, {args.calls} calls in one process, {description}, "

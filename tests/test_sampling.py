@@ -268,6 +268,90 @@ def test_a_rendered_template_response_s_context_is_not_kept(rec: Recorder) -> No
     assert abs(per_reading["/page/"] - per_reading["/empty/"]) < 800, per_reading
 
 
+class _View:
+    request: object
+    response: object
+    rows: list[dict[str, object]]
+
+
+class _ApiRequest:
+    parser_context: dict[str, object]
+
+
+def _api_response(count: int) -> object:
+    """A response as Django REST framework returns it: its view, request and renderer
+    context refer to each other and to the response (reference cycles)."""
+    from django.http import JsonResponse
+
+    view, request = _View(), _ApiRequest()
+    view.request = request
+    view.rows = [{"name": f"row {i}", "tags": [f"t{i}", f"u{i}"]} for i in range(count)]
+    request.parser_context = {"view": view, "request": request}
+    response = JsonResponse({"count": count})
+    response.renderer_context = {"view": view, "request": request}  # type: ignore[attr-defined]
+    view.response = response
+    return response
+
+
+def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
+    def api(key: str, count: int) -> None:
+        c = rec.begin_rss(rec.read_heap_early(REQUEST, key))
+        rec.measure_heap(c, REQUEST, key)
+        response = _api_response(count)
+        # The server holds the response at its close, and drops it right after: the view's
+        # rows are freed then, by the collector (the view is in a reference cycle).
+        rec.end(c, REQUEST, key, held=(response,))
+
+    gc.collect()
+    for _ in range(20):
+        api("/api/", 200)
+        api("/empty/", 0)
+    gc.collect()
+    totals = rec.totals()
+    per_reading = {
+        key: totals[REQUEST, key].blocks_growth / totals[REQUEST, key].heap_calls
+        for key in ("/api/", "/empty/")
+    }
+    # Counted as kept, the view's 200 rows (1,000 blocks) made a reading of /api/ 1,000
+    # blocks more than one of /empty/ (a response the collector found in a cycle at the
+    # call's end went to its oldest generation, to be freed by a full collection).
+    assert abs(per_reading["/api/"] - per_reading["/empty/"]) < 100, per_reading
+
+
+def test_what_a_response_s_cycles_free_with_it() -> None:
+    from django_leakguard.tracing_baseline import dropped_parts
+
+    outside = ["a list something else refers to as well"]
+    response = _api_response(3)
+    response.renderer_context["view"].rows.append(outside)  # type: ignore[attr-defined]
+    parts = dropped_parts(response, (), 1000)
+    ids = {id(part) for part in parts}
+    context = response.renderer_context  # type: ignore[attr-defined]
+    for freed in (context, context["view"], context["request"], context["view"].rows):
+        assert id(freed) in ids
+    assert id(outside) not in ids
+    # What an object outside refers to is not freed with the response, nor what it refers to.
+    keep = context["request"]
+    parts = dropped_parts(response, (), 1000)
+    assert id(keep) not in {id(part) for part in parts}
+    assert id(keep.parser_context) not in {id(part) for part in parts}
+    assert id(context["view"].rows) not in {id(part) for part in parts}  # via parser_context
+    # At most limit objects are walked: what lies beyond counts as referred to from outside.
+    assert len(dropped_parts(response, (), 3)) < 3
+
+
+def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> None:
+    for _ in range(10):
+        call(rec, "/full/", gc.collect)
+        call(rec, "/young/", lambda: gc.collect(0))
+    totals = rec.totals()
+    # A full collection frees other calls' garbage (cycles the collector moved to its oldest
+    # generation while they were in use): it is not this call's.
+    assert totals[REQUEST, "/full/"].calls == 10
+    assert totals[REQUEST, "/full/"].heap_calls == 0
+    assert totals[REQUEST, "/young/"].heap_calls == 9
+
+
 def test_what_two_of_a_response_s_own_objects_share_is_its_own() -> None:
     from django_leakguard.tracing_baseline import owned_parts
 

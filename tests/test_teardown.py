@@ -502,16 +502,23 @@ def test_held_memory_is_what_freeing_the_response_gives_back() -> None:
     if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
         pytest.skip("glibc mallinfo2 is not available here")
     for size in (100, 600, 5_000, 40 * 1024, 300 * 1024):
+        gc.collect()
         response = HttpResponse(b"x" * size)
         response.headers["X-Custom"] = "a header value"
         response.set_cookie("name", "value")
         held_heap, held_blocks = recorder_heap.held_memory((response,))
-        gc.collect()
+        # As a heap reading counts: CPython's free lists of dicts and lists full, young
+        # garbage collected (a full collection would empty the free lists of tuples too).
+        gc.collect(1)
+        recorder_heap.fill_free_lists()
         heap, blocks = memory.heap(), sys.getallocatedblocks()
         del response
+        # Its reference cycles (a cookie's) too, which the server's drop leaves to the collector.
+        gc.collect(1)
+        recorder_heap.fill_free_lists()
         freed_heap, freed_blocks = heap - memory.heap(), blocks - sys.getallocatedblocks()
         assert freed_heap - 64 <= held_heap <= freed_heap + 64, size
-        assert abs(held_blocks - freed_blocks) <= 3, size
+        assert abs(held_blocks - freed_blocks) <= 4, size  # of about 20
     assert recorder_heap.held_memory(()) == (0, 0)
 
 

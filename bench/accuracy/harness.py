@@ -176,8 +176,11 @@ def project_env(database_url: str, plan: Plan, **extra: str) -> dict[str, str]:
         if name not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "PYTHONPATH")
         and not name.startswith(("LEAKGUARD_", "ACCURACY_", "COV_", "COVERAGE_"))
     }
+    # BENCH_SRC: another checkout's src/ for the servers to import django_leakguard from (to
+    # compare a change against the code before it in the same run).
+    path = [str(PROJECT), *filter(None, [os.environ.get("BENCH_SRC")])]
     env.update(
-        PYTHONPATH=str(PROJECT),
+        PYTHONPATH=os.pathsep.join(path),
         DJANGO_SETTINGS_MODULE="accuracysite.settings",
         PYTHONUNBUFFERED="1",
         DATABASE_URL=database_url,

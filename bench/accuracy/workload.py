@@ -70,6 +70,10 @@ KINDS = (
          "a plain JSON view", (8.0, 15.0)),
     Kind("async_plain", False, "/api/ping/", "/api/ping/", "ping", "",
          "an async plain view", (4.0, 10.0)),
+    Kind("api_detail", False, "/api/items/{pk}/", "/api/items/<int:pk>/", "api_item", "pk",
+         "a REST framework detail view: one row serialized", (6.0, 12.0)),
+    Kind("api_list", False, "/api/items/", "/api/items/", "api_items", "",
+         "a REST framework list view: 20 rows serialized", (4.0, 8.0)),
 )  # fmt: skip
 BY_NAME = {kind.name: kind for kind in KINDS}
 LEAKS = tuple(kind for kind in KINDS if kind.leak)

@@ -13,6 +13,7 @@ class Call:
         "blocks_share",
         "collect",
         "flushes",
+        "gc_full",
         "generation",
         "heap_share",
         "late",
@@ -40,6 +41,11 @@ class Call:
         # The recorder's flush count when the call began: a call that overlaps a flush in its
         # process is not charged with what the flush allocated (see Recorder._flushes).
         self.flushes = flushes
+        # The collector's full collections when the call read the heap: a full collection
+        # frees the garbage of earlier calls (a REST framework response's reference cycle,
+        # moved to the oldest generation while its server still held it), so a call that saw
+        # one is not charged with it, nor credited (see HeapTiming._time_heap).
+        self.gc_full = 0
         # The recorder's count of begun and ended calls when the call read the heap with no
         # other call in flight; -1 otherwise. A heap reading counts only for a call that stayed
         # alone until its end (see Recorder._end).

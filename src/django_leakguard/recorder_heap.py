@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import random
 import sys
 import time
 from collections.abc import Iterable
 
-from django_leakguard import memory
-from django_leakguard.tracing_baseline import owned_parts, response_content
+from django_leakguard import memory, tracing_gc
+from django_leakguard.tracing_baseline import dropped_parts, response_content
 
 # mallinfo2() walks the allocator's free lists and sys.getallocatedblocks() pymalloc's pools,
 # so a reading's cost grows with fragmentation and the heap's size (0.5 µs in a bare
@@ -34,6 +35,29 @@ THREADS_POLL = 0.00005
 # are the request plus an 8-byte header, in 16-byte steps.
 PYMALLOC_MAX = 512
 TCACHE_MAX = 1032
+
+
+# The collector's header before an object of a type it may track (tracked now or not: an
+# empty dict is not), and the type flag that says so (Py_TPFLAGS_HAVE_GC).
+GC_HEADER = 16
+_HAVE_GC = 1 << 14
+# Since Python 3.11 an instance's __dict__ pointer (and up to 3.12 its values pointer) lies
+# before it, in the same allocation, counted by sys.getsizeof() (Py_TPFLAGS_MANAGED_DICT).
+MANAGED_DICT_HEADER = 16
+_MANAGED_DICT = 1 << 4 if sys.version_info >= (3, 11) else 0
+# Python 3.11 and 3.12 keep the attributes' values in an array of their own until __dict__ is
+# asked for (then the dict owns it, and sys.getsizeof() of the dict counts it): where the
+# instance's pointer to it lies before the instance, and the tag that marks it (3.12 shares
+# the word with the dict pointer). Python 3.13 keeps the values inside the instance.
+_VALUES_AT, _VALUES_TAG = {(3, 11): (32, 0), (3, 12): (24, 1)}.get(sys.version_info[:2], (0, 0))
+
+
+def _values_apart(instance: object) -> bool:
+    """Whether an instance of a type with a managed dict has its own values array."""
+    if not _VALUES_AT:
+        return False
+    word = ctypes.c_size_t.from_address(id(instance) - _VALUES_AT).value
+    return bool(word & 1) if _VALUES_TAG else word != 0
 
 
 def chunk_size(request: int) -> int:
@@ -72,15 +96,22 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
         # An HttpResponse's content, whoever else refers to it: the server's loop over the
         # response holds its last chunk until it has closed it.
         parts = [root, *response_content(root)]
-        parts.extend(owned_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS))
+        parts.extend(dropped_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS))
         for part in parts:
             size = sys.getsizeof(part)
             kind = type(part)
-            if kind.__itemsize__ or size <= PYMALLOC_MAX:
-                sizes: tuple[int, ...] = (size,)  # one allocation
+            if kind is tuple and len(part) < FREE_TUPLE_LENGTH:  # type: ignore[arg-type]
+                continue  # freed to a free list (above): its block stays allocated
+            flags = kind.__flags__
+            head = kind.__basicsize__ + (GC_HEADER if flags & _HAVE_GC else 0)
+            if flags & _MANAGED_DICT:
+                head += MANAGED_DICT_HEADER
+                if _values_apart(part):
+                    blocks += 1
+            if size > head and isinstance(part, _TABLES):
+                sizes: tuple[int, ...] = (head, size - head)  # the table's own allocation
             else:
-                head = kind.__basicsize__ + (16 if gc.is_tracked(part) else 0)
-                sizes = (head, size - head)
+                sizes = (size,)  # one allocation (a str, an int, a tuple, an instance)
             for allocation in sizes:
                 if allocation <= 0:
                     continue
@@ -89,6 +120,39 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
                 elif allocation > TCACHE_MAX:
                     heap += chunk_size(allocation)
     return heap, blocks
+
+
+# CPython keeps up to 80 freed dicts (with their key tables) and 80 freed lists for reuse, as
+# allocated blocks (Python 3.10 to 3.13). How many it holds depends on what ran last: a
+# response dropped after a call's end puts its dicts there, and the next call takes them.
+# Both readings of a call fill them first, so that the blocks counted do not depend on it.
+FREE_LIST_SIZE = 80
+# Freed tuples shorter than this go to free lists of up to 2,000 each, seldom full: blocks
+# that stay allocated (and that a call's tuples come from).
+FREE_TUPLE_LENGTH = 20
+FREE_FLOATS = 100  # and 100 floats
+
+
+# Containers whose items or table are an allocation of their own, which sys.getsizeof()
+# counts with the object.
+_TABLES = (list, dict, set, frozenset, bytearray)
+
+
+def fill_free_lists() -> None:
+    """Fill CPython's free lists of dicts, lists and floats (see FREE_LIST_SIZE): about 10 µs.
+
+    Chains of objects, each referring to the one made before it: a list of 80 would take an
+    array from the C heap, which a thread's allocator cache would count as in use after.
+    """
+    dicts: object = None
+    lists: object = None
+    floats: object = None
+    for _ in range(FREE_LIST_SIZE):
+        dicts = {"": dicts}  # a str key: the key table is kept for reuse too
+        lists = [lists]
+    for number in range(FREE_FLOATS):
+        floats = (number + 0.5, floats)
+    del dicts, lists, floats
 
 
 def asyncio_running() -> bool:
@@ -105,6 +169,7 @@ class HeapTiming:
 
     _has_heap: bool
     _heap_cost: float  # moving average of one heap() reading, in seconds
+    _gc_full: int  # the collector's full collections at the latest reading (see Call.gc_full)
 
     def _time_heap(self, spent: float = 0.0, collect: int = 0) -> tuple[int, int] | None:
         """Read the heap signals: C heap in use and pymalloc blocks, young garbage collected.
@@ -123,10 +188,14 @@ class HeapTiming:
             gc.collect(collect)
         # Names made at run time that only the type cache refers to (see memory): not kept.
         memory.clear_type_cache()
+        fill_free_lists()
         heap = memory.heap()
         if heap is None:
             return None  # pragma: no cover - CI has glibc >= 2.33
         blocks = sys.getallocatedblocks()
+        # A full collection since a call's first reading freed other calls' garbage too (not
+        # tracing's, which frees nothing but CPython's free lists).
+        self._gc_full = gc.get_stats()[2]["collections"] - tracing_gc.own_full_collections
         cost = time.perf_counter() - start
         # A moving average of the readings as requests really see them (slower than in a tight
         # loop); a reading slowed by preemption or page faults counts as at most 4 times the

@@ -38,6 +38,9 @@ GC_BUDGET = 0.05
 _frozen_by_python = min(gc.get_freeze_count(), 1000)
 _not_before = 0.0  # time.monotonic() before which no call is traced (free_lists_waiting)
 _watching = False  # _time_full_collection is in gc.callbacks
+# Full collections clear_free_lists() made: they free no object (everything is frozen), so a
+# heap reading does not count them as full collections (see recorder_heap).
+own_full_collections = 0
 _measured = False  # it has measured the full collection since the last emptying
 _full_started: float | None = None
 _durations: deque[float] = deque(maxlen=3)  # of the full collections measured last
@@ -65,9 +68,11 @@ def clear_free_lists() -> bool:
     _, middle_threshold, full_threshold = gc.get_threshold()
     since_middle = min(since_middle, middle_threshold + 1)
     since_full = min(since_full, full_threshold + 1)
+    global own_full_collections
     gc.freeze()
     try:
         gc.collect(2)
+        own_full_collections += 1
     finally:
         gc.unfreeze()
     # A full collection set both counts to zero: put them back, oldest first.

@@ -20,8 +20,17 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django_leakguard",
+    "rest_framework",
     "accuracysite",
 ]
+
+# REST framework views as most projects write them, without authentication (no
+# django.contrib.auth here).
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+}
 
 MIDDLEWARE = [
     "django_leakguard.middleware.LeakGuardMiddleware",

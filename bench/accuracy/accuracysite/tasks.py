@@ -93,3 +93,20 @@ def fragment(n: int) -> int:
 @shared_task
 def activity() -> int:
     return leaks.remember_recent()
+
+
+@shared_task
+def api_item(pk: int) -> int:
+    from accuracysite.views import ItemSerializer
+    from rest_framework.renderers import JSONRenderer
+
+    return len(JSONRenderer().render(ItemSerializer(Item.objects.get(pk=pk)).data))
+
+
+@shared_task
+def api_items() -> int:
+    from accuracysite.views import ItemSerializer
+    from rest_framework.renderers import JSONRenderer
+
+    rows = Item.objects.order_by("pk")[:20]
+    return len(JSONRenderer().render(ItemSerializer(rows, many=True).data))

@@ -21,4 +21,6 @@ urlpatterns = [
     path("reports/export/", views.report),
     path("fragments/<int:n>/", views.fragment),
     path("activity/", views.activity),
+    path("api/items/", views.ApiItems.as_view()),
+    path("api/items/<int:pk>/", views.ApiItem.as_view()),
 ]

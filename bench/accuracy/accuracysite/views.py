@@ -9,6 +9,7 @@ from accuracysite.models import Item
 from django.core.signals import request_finished
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, render
+from rest_framework import generics, serializers
 
 # Leaks -----------------------------------------------------------------------------------------
 
@@ -80,3 +81,21 @@ def fragment(request: HttpRequest, n: int) -> HttpResponse:
 
 def activity(request: HttpRequest) -> HttpResponse:
     return HttpResponse(f"{leaks.remember_recent()} recent entries")
+
+
+class ItemSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Item
+        fields = ["id", "name", "price", "description"]
+
+
+class ApiItem(generics.RetrieveAPIView):
+    """A REST framework detail view: its response, view and request refer to each other."""
+
+    queryset = Item.objects.all()
+    serializer_class = ItemSerializer
+
+
+class ApiItems(generics.ListAPIView):
+    queryset = Item.objects.order_by("pk")[:20]
+    serializer_class = ItemSerializer
