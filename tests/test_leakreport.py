@@ -106,7 +106,7 @@ Ranked by memory kept (C heap and small objects; caches that level off, and keys
 2  task     shop.tasks.export  -                          20    20 low    1.0 KiB   20.0 KiB     -205 B   0.2%    0%
 3  request  /spike/            -                          50        50        0 B        0 B  244.1 KiB   0.0%   50%
 
-Workers: 2 seen (at most 2 at once on one host), 270 requests and tasks served, mean RSS growth +10.0 KiB per request.
+Workers: 2 seen (at most 2 at once on one host), 270 calls served, mean RSS growth +10.0 KiB per call.
 With MAX_REQUESTS = 1,000, a worker grows about 9.8 MiB before it is recycled (from 60.0 MiB at its first request to about 69.8 MiB).
 Largest max_requests that keeps a worker under its share of 4.0 GiB (8.0 GiB available / 2 workers at once): 413,286; MAX_REQUESTS is within it.
 """
@@ -338,7 +338,7 @@ The heap signal was unavailable (no heap readings: glibc's mallinfo2 is missing,
 
 Only 10 calls in 5 keys: too few to rank (at least 100 needed). Let the app serve more traffic, or widen --since.
 
-Workers: 3 seen (at most 2 at once on one host), 10 requests and tasks served, mean RSS growth +122.4 KiB per request.
+Workers: 3 seen (at most 2 at once on one host), 10 calls served, mean RSS growth +122.4 KiB per call.
 Too few requests (10; at least 100 needed) to recommend a recycling limit.
 """
 

@@ -101,6 +101,12 @@ def test_zero_calls_row() -> None:
     assert Workers().mean_first_rss is None
 
 
+def test_the_header_gives_the_hour_the_rows_start_at() -> None:
+    built = build_report([], Workers(), source="database", since=NOW, until=NOW)
+    # The rows are hourly: those of 12:00 to 12:59 are in a window since 12:30.
+    assert render_table(built).splitlines()[0].endswith("since 2025-11-01 12:00 UTC.")
+
+
 def test_long_keys_are_shortened_in_the_table() -> None:
     rows = [Row("request", "/" + "x" * 80 + "/", calls=200, heap_calls=200, heap_growth=1)]
     built = build_report(rows, workers(seen=1), source="database", since=NOW, until=NOW)

@@ -319,6 +319,7 @@ def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
 
 
 def test_what_a_response_s_cycles_free_with_it() -> None:
+    from django_leakguard import tracing_baseline
     from django_leakguard.tracing_baseline import dropped_parts
 
     outside = ["a list something else refers to as well"]
@@ -338,6 +339,33 @@ def test_what_a_response_s_cycles_free_with_it() -> None:
     assert id(context["view"].rows) not in {id(part) for part in parts}  # via parser_context
     # At most limit objects are walked: what lies beyond counts as referred to from outside.
     assert len(dropped_parts(response, (), 3)) < 3
+    # An object many others refer to (a registry) is not walked into, nor counted.
+    registry = {"entries": ["only the registry refers to this list"]}
+    holders = [registry] * tracing_baseline.SHARED_REFS
+    response.renderer_context["registry"] = registry  # type: ignore[attr-defined]
+    ids = {id(part) for part in dropped_parts(response, (), 1000)}
+    assert id(registry) not in ids
+    assert id(registry["entries"]) not in ids
+    assert id(response.headers) in ids
+    del holders
+
+
+def test_a_request_a_lazy_user_s_closure_refers_to_is_freed_with_the_response() -> None:
+    from django.http import HttpResponse
+    from django.utils.functional import SimpleLazyObject
+
+    from django_leakguard.tracing_baseline import dropped_parts
+
+    def page() -> tuple[HttpResponse, int]:
+        request = _ApiRequest()
+        # As Django's AuthenticationMiddleware does: the closure refers to the request.
+        request.user = SimpleLazyObject(lambda: request)  # type: ignore[attr-defined]
+        response = HttpResponse(b"page")
+        response._request = request  # type: ignore[attr-defined]  # as a TemplateResponse's
+        return response, id(request)
+
+    response, request_id = page()
+    assert request_id in {id(part) for part in dropped_parts(response, (), 1000)}
 
 
 def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> None:
@@ -353,12 +381,12 @@ def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> N
 
 
 def test_what_two_of_a_response_s_own_objects_share_is_its_own() -> None:
-    from django_leakguard.tracing_baseline import owned_parts
+    from django_leakguard.tracing_baseline import dropped_parts
 
     outside = ["a list something else refers to as well"]
     root = {"context": {"rows": ["a list both refer to"], "other": outside}}
     root["view"] = {"rows": root["context"]["rows"]}  # no other reference to it
-    parts = list(owned_parts(root, (), 1000))
+    parts = dropped_parts(root, (), 1000)
     assert any(part is root["context"]["rows"] for part in parts)  # reached from both
     assert not any(part is outside for part in parts)
 

@@ -138,7 +138,7 @@ def render_detail(
     for detail in details:
         if lines:
             lines.append("")
-        window = f"since {since:%Y-%m-%d %H:%M %Z}".rstrip()
+        window = f"since {floor_hour(since):%Y-%m-%d %H:%M %Z}".rstrip()  # rows are hourly
         shown = escape_controls(detail.key)
         if not detail.traced_calls:
             lines.append(

@@ -16,6 +16,7 @@ from django_leakguard.reporting.model import (
     MIN_WORKER_CALLS,
     Report,
     Row,
+    floor_hour,
 )
 from django_leakguard.text import escape_controls
 from django_leakguard.units import format_bytes
@@ -178,7 +179,8 @@ _RANKED_BY = {
 def _header(report: Report) -> str:
     if report.source == "database":
         assert report.since is not None
-        window = f"since {report.since:%Y-%m-%d %H:%M %Z}".rstrip()
+        # Rows are hourly: the window starts at the hour that contains since.
+        window = f"since {floor_hour(report.since):%Y-%m-%d %H:%M %Z}".rstrip()
         return f"Memory growth by URL pattern and task, {window}."
     files = ", ".join((report.log or {}).get("files", [])) or "-"
     return f"Memory growth by URL from uWSGI memory-report logs ({escape_controls(files)})."
@@ -271,8 +273,8 @@ def _worker_lines(report: Report) -> list[str]:
     growth = workers.growth_per_call
     lines = [
         f"Workers: {workers.seen:,} seen (at most {workers.at_once:,} at once on one host), "
-        f"{workers.calls:,} requests and tasks served, mean RSS growth "
-        f"{format_bytes(growth, signed=True)} per request."
+        f"{workers.calls:,} calls served, mean RSS growth "
+        f"{format_bytes(growth, signed=True)} per call."
     ]
     if workers.seen == 1:
         lines.append(
