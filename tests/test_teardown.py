@@ -501,7 +501,8 @@ def test_queries_django_logs_with_debug_are_not_kept(
 def test_held_memory_is_what_freeing_the_response_gives_back() -> None:
     if not memory.heap_available():  # pragma: no cover - CI has glibc >= 2.33
         pytest.skip("glibc mallinfo2 is not available here")
-    for size in (100, 600, 5_000, 40 * 1024, 300 * 1024):
+    # The first response makes what is made once (Python 3.10 grows the heap 1 KiB then).
+    for size in (0, 100, 600, 5_000, 40 * 1024, 300 * 1024):
         gc.collect()
         response = HttpResponse(b"x" * size)
         response.headers["X-Custom"] = "a header value"
@@ -517,6 +518,8 @@ def test_held_memory_is_what_freeing_the_response_gives_back() -> None:
         gc.collect(1)
         recorder_heap.fill_free_lists()
         freed_heap, freed_blocks = heap - memory.heap(), blocks - sys.getallocatedblocks()
+        if not size:
+            continue
         assert freed_heap - 64 <= held_heap <= freed_heap + 64, size
         assert abs(held_blocks - freed_blocks) <= 4, size  # of about 20
     assert recorder_heap.held_memory(()) == (0, 0)

@@ -100,8 +100,6 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
         for part in parts:
             size = sys.getsizeof(part)
             kind = type(part)
-            if kind is tuple and len(part) < FREE_TUPLE_LENGTH:  # type: ignore[arg-type]
-                continue  # freed to a free list (above): its block stays allocated
             flags = kind.__flags__
             head = kind.__basicsize__ + (GC_HEADER if flags & _HAVE_GC else 0)
             if flags & _MANAGED_DICT:
@@ -127,9 +125,9 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
 # response dropped after a call's end puts its dicts there, and the next call takes them.
 # Both readings of a call fill them first, so that the blocks counted do not depend on it.
 FREE_LIST_SIZE = 80
-# Freed tuples shorter than this go to free lists of up to 2,000 each, seldom full: blocks
-# that stay allocated (and that a call's tuples come from).
-FREE_TUPLE_LENGTH = 20
+# Freed tuples shorter than 20 go to free lists of up to 2,000 each: too many to fill, and in
+# a process that has run a while those of the common lengths are full, so that a tuple freed
+# gives its block back (counted so in held_memory).
 FREE_FLOATS = 100  # and 100 floats
 
 
