@@ -368,6 +368,27 @@ def test_a_request_a_lazy_user_s_closure_refers_to_is_freed_with_the_response() 
     assert request_id in {id(part) for part in dropped_parts(response, (), 1000)}
 
 
+def test_a_class_made_per_call_is_not_kept_by_the_walk() -> None:
+    import weakref
+
+    from django.http import HttpResponse
+
+    from django_leakguard.tracing_baseline import dropped_parts
+
+    def page() -> tuple[HttpResponse, weakref.ref[type]]:
+        # As django-filter makes its filter form: a class per request.
+        form_class = type("FilterForm", (), {"fields": ["a field list"]})
+        response = HttpResponse(b"page")
+        response.form = form_class()  # type: ignore[attr-defined]
+        return response, weakref.ref(form_class)
+
+    response, form_class = page()
+    dropped_parts(response, (), 1000)
+    del response
+    gc.collect()
+    assert form_class() is None  # remembered by the walk's cache of types, it stayed alive
+
+
 def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> None:
     for _ in range(10):
         call(rec, "/full/", gc.collect)

@@ -177,9 +177,27 @@ def _walk_of(kind: type) -> str:
         walk = _SKIP
     else:
         walk = _INTO
-    if len(_WALK) < 1024:  # types made at run time are not remembered without bound
+    # Not a class made at run time (django-filter makes a form class per request): remembered,
+    # it would stay alive with what it refers to (its fields, their querysets), charged to the
+    # calls that made it. At most 1,024 others.
+    if len(_WALK) < 1024 and _named_by_its_module(kind):
         _WALK[kind] = walk
     return walk
+
+
+def _named_by_its_module(cls: type) -> bool:
+    """Whether cls is what its module's namespace names it (not a class made by a call)."""
+    qualname = getattr(cls, "__qualname__", "")
+    module = sys.modules.get(getattr(cls, "__module__", None) or "")
+    if module is None or "<locals>" in qualname:
+        return False
+    found: object = module
+    for name in qualname.split("."):
+        namespace = getattr(found, "__dict__", None)
+        if not isinstance(namespace, Mapping):
+            return False
+        found = namespace.get(name)
+    return found is cls
 
 
 def _count(held: dict[Cell, list[int]], cell: Cell, size: int) -> None:
