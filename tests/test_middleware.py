@@ -434,9 +434,11 @@ def test_small_objects_are_caught_by_tracing_though_the_heap_misses_them(
     retained_per_call = aggregate.traced_retained / aggregate.traced_calls
     heap_per_call = aggregate.heap_growth / aggregate.heap_calls
     print(f"traced {retained_per_call:.0f} B per call, heap {heap_per_call:.0f} B per call")
-    # 400 dicts of about 200 bytes each, in pymalloc's arenas: the heap sees a fraction.
+    # 400 dicts of about 200 bytes each, in pymalloc's arenas: the C heap sees a fraction (the
+    # list's growth: about 8 KiB a call; 19 to 27 KiB under coverage, whose tracer allocates
+    # as lines run and the allocation trace walks what the response frees).
     assert retained_per_call >= views.SMALL_OBJECTS * 100
-    assert heap_per_call < retained_per_call / 4
+    assert heap_per_call < retained_per_call / 2
     top = aggregate.traced_sites[0]
     assert top.location == f"shop/views.py:{views_line('_small.append(')}"
 
