@@ -319,8 +319,8 @@ def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
 
 
 def test_what_a_response_s_cycles_free_with_it() -> None:
-    from django_leakguard import tracing_baseline
-    from django_leakguard.tracing_baseline import dropped_parts
+    from django_leakguard import dropped
+    from django_leakguard.dropped import dropped_parts
 
     outside = ["a list something else refers to as well"]
     response = _api_response(3)
@@ -341,7 +341,7 @@ def test_what_a_response_s_cycles_free_with_it() -> None:
     assert len(dropped_parts(response, (), 3)) < 3
     # An object many others refer to (a registry) is not walked into, nor counted.
     registry = {"entries": ["only the registry refers to this list"]}
-    holders = [registry] * tracing_baseline.SHARED_REFS
+    holders = [registry] * dropped.SHARED_REFS
     response.renderer_context["registry"] = registry  # type: ignore[attr-defined]
     ids = {id(part) for part in dropped_parts(response, (), 1000)}
     assert id(registry) not in ids
@@ -354,7 +354,7 @@ def test_a_request_a_lazy_user_s_closure_refers_to_is_freed_with_the_response() 
     from django.http import HttpResponse
     from django.utils.functional import SimpleLazyObject
 
-    from django_leakguard.tracing_baseline import dropped_parts
+    from django_leakguard.dropped import dropped_parts
 
     def page() -> tuple[HttpResponse, int]:
         request = _ApiRequest()
@@ -373,7 +373,7 @@ def test_a_class_made_per_call_is_not_kept_by_the_walk() -> None:
 
     from django.http import HttpResponse
 
-    from django_leakguard.tracing_baseline import dropped_parts
+    from django_leakguard.dropped import dropped_parts
 
     def page() -> tuple[HttpResponse, weakref.ref[type]]:
         # As django-filter makes its filter form: a class per request.
@@ -402,7 +402,7 @@ def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> N
 
 
 def test_what_two_of_a_response_s_own_objects_share_is_its_own() -> None:
-    from django_leakguard.tracing_baseline import dropped_parts
+    from django_leakguard.dropped import dropped_parts
 
     outside = ["a list something else refers to as well"]
     root = {"context": {"rows": ["a list both refer to"], "other": outside}}

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable
 
 from django_leakguard import memory, tracing_gc
-from django_leakguard.tracing_baseline import dropped_parts, response_content
+from django_leakguard.dropped import dropped_parts
+from django_leakguard.tracing_baseline import response_content
 
 # mallinfo2() walks the allocator's free lists and sys.getallocatedblocks() pymalloc's pools,
 # so a reading's cost grows with fragmentation and the heap's size (0.5 µs in a bare

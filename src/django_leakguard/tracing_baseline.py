@@ -7,17 +7,16 @@ import sys
 import tracemalloc
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from django_leakguard.tracing_sites import Cell, Place, frames_cell, is_user_file
 
-# Objects walked from a traced call's response (see held_anyway): a REST framework
-# response's view, request and serializer are a few hundred.
-HELD_PARTS = 5_000
+# Objects a response owns that are counted at most (see held_anyway): its headers, cookies,
+# closers and content are a few dozen.
+HELD_PARTS = 64
 
-# An object more references than this refer to is shared (a registry, a cache, an interned
-# name): dropped_parts does not walk into it.
-SHARED_REFS = 100
+# Objects owned_parts remembers having reached from some, not yet all, of their holders.
+REACHED_MAX = 100_000
 
 # The place of held bytes that may have been allocated anywhere under their site.
 ANY_PLACE: Place = ("", 0)
@@ -26,18 +25,20 @@ ANY_PLACE: Place = ("", 0)
 def held_anyway(
     roots: Iterable[object], stop_tracing: Callable[[], object]
 ) -> dict[Cell, list[int]]:
-    """Return [bytes, objects] per cell of the responses in roots and what they free.
+    """Return [bytes, objects] per cell of the responses in roots and what they own.
 
     roots are what every call still holds at its end whether it leaks or not: its response,
     which the server still refers to when it closes it. Its memory is freed once the server
-    lets go of it, so it is not retained: the response object and what is freed with it
-    (headers and their values, cookies, content chunks, a template response's context, a REST
-    framework response's view and request, which refer to each other; see dropped_parts),
-    each at ANY_PLACE of the site it was made at, else of the response's site. Call it while
-    tracemalloc traces, after the snapshot; it calls stop_tracing() once it has looked the
-    objects up.
+    lets go of it, so it is not retained: the response object, at the cell it was made, and
+    the objects only it refers to (headers and their values, cookies, content chunks, a
+    template response's context), at most HELD_PARTS of them, at ANY_PLACE of its site:
+    most were made in Django's code under the view's line. Call it while tracemalloc traces,
+    after the snapshot; it calls stop_tracing() once it has looked up where the roots were
+    made, so that walking the parts, which allocates, is not traced (each allocation would
+    record its traceback: ten times the cost).
     """
     held: dict[Cell, list[int]] = {}
+    found: list[tuple[object, Cell]] = []
     counted: set[int] = set()
     for root in roots:
         # Its content, counted where it was made whoever else refers to it (a test client
@@ -55,16 +56,15 @@ def held_anyway(
         if cell is None and _untraceable(root) and first_chunk_site is not None:
             # Made where its content was made (see _untraceable): a view's return.
             cell = (first_chunk_site, first_chunk_site)
-        if cell is None:
-            continue
-        _count(held, cell, sys.getsizeof(root))
-        for part in dropped_parts(root, counted, HELD_PARTS):
-            # Anywhere under the site it was made at (a dict's table may have been made at
-            # another place), else (taken from a free list, whose tables were traced, or an
-            # instance _untraceable hides) under the response's site.
-            site = (_object_site(part) or cell)[0]
-            _count(held, (site, ANY_PLACE), sys.getsizeof(part))
+        if cell is not None:
+            found.append((root, cell))
     stop_tracing()
+    for root, cell in found:
+        _count(held, cell, sys.getsizeof(root))
+        size, count = _owned(root, counted)
+        totals = held.setdefault((cell[0], ANY_PLACE), [0, 0])
+        totals[0] += size
+        totals[1] += count
     return held
 
 
@@ -74,102 +74,70 @@ def response_content(response: object) -> list[object]:
     return content if type(content) is list else []
 
 
-def dropped_parts(
+def _owned(root: object, counted: set[int]) -> tuple[int, int]:
+    """Return (bytes, objects) of what only root refers to, directly or through such objects.
+
+    An object is root's own when its one reference is its holder's: it is freed with root.
+    Shared objects (a header's name, the charset, a cached template) are left out. Not
+    django-leakguard's own objects (the response's close() leads to the recorder), nor those
+    in counted (ids), counted already.
+    """
+    size = count = 0
+    for part in owned_parts(root, counted):
+        size += sys.getsizeof(part)
+        count += 1
+    return size, count
+
+
+def owned_parts(
     root: object, counted: Iterable[int] = (), limit: int = HELD_PARTS
-) -> list[object]:
-    """Return what is freed with root once its holders let go of it, reference cycles included.
+) -> Iterator[object]:
+    """Yield what only root refers to, directly or through such objects (see _owned), at
+    most limit of them.
 
-    That is what root refers to, directly or through other such objects, that nothing else
-    refers to: what the collector would find unreachable (a REST framework response refers
-    to its view and request, which refer to each other).
-    At most limit objects are walked; what lies beyond counts as referred to from outside.
-    Not django-leakguard's own objects, nor those in counted (ids). The references an object
-    has are sys.getrefcount()'s: one a C type keeps without telling the collector makes the
-    object look referred to from outside, so that it is left out, never wrongly counted.
+    An object is root's own once every reference to it comes from root's own objects: one
+    that two of them refer to (a template response's context and its view both refer to the
+    page's list of objects) is yielded when the walk has reached it from both.
     """
-    skip = set(counted)
-    order = [root]
-    index = {id(root): 0}
-    refs_in = [0]  # references from the walked objects
-    opened = bytearray(1)  # walked into
-    walked = 0
-    for j, container in enumerate(order):  # breadth first: the list grows while it is walked
-        if walked >= limit:
-            break
-        if j and sys.getrefcount(container) > SHARED_REFS:
-            continue  # referred to from many places (a registry, a cache): alive, not walked
-        walked += 1
-        opened[j] = 1
-        if type(container) in _LEAVES:
-            continue  # refers to nothing
-        for part in _referents(container):
-            k = index.get(id(part))
-            if k is None:
-                kind = type(part)
-                walk = _WALK.get(kind)
-                if walk is None:
-                    walk = _walk_of(kind)
-                if walk is _SKIP or id(part) in skip:
+    count = 0
+    seen = {id(root), *counted}
+    # Objects reached from fewer of root's own objects than refer to them, and how often:
+    # they may be reached again (at most REACHED_MAX remembered).
+    reached: dict[int, int] = {}
+    queue = [root]
+    for container in queue:  # breadth first: the list grows while it is walked
+        for part in gc.get_referents(container):
+            kind = type(part)
+            walk = _WALK.get(kind)
+            if walk is None:
+                walk = _walk_of(kind)
+            if walk is _SKIP or id(part) in seen:
+                continue
+            holders = sys.getrefcount(part) - _ONE_OWNER + 1
+            if holders > 1:
+                times = reached.get(id(part), 0) + 1
+                if times < holders:
+                    if times > 1 or len(reached) < REACHED_MAX:
+                        reached[id(part)] = times
                     continue
-                k = index[id(part)] = len(order)
-                order.append(part)
-                refs_in.append(0)
-                opened.append(0)
-            refs_in[k] += 1
-    container = part = None
-    # Referred to from outside (or not walked into): alive whatever root does, with what they
-    # refer to; the rest is freed with root. (What an object not walked into refers to looks
-    # referred to from outside: its references were not counted.)
-    alive = bytearray(len(order))
-    stack = []
-    for j in range(1, len(order)):
-        if not opened[j] or sys.getrefcount(order[j]) - _IN_ORDER > refs_in[j]:
-            alive[j] = 1
-            if opened[j]:
-                stack.append(j)
-    while stack:
-        container = order[stack.pop()]
-        if type(container) in _LEAVES:
-            continue
-        for part in _referents(container):
-            k = index.get(id(part), 0)
-            if k and not alive[k]:
-                alive[k] = 1
-                if opened[k]:
-                    stack.append(k)
-    container = part = None
-    return [order[j] for j in range(1, len(order)) if not alive[j]]
+                del reached[id(part)]
+            seen.add(id(part))
+            yield part
+            count += 1
+            if count >= limit:
+                return
+            if walk is _INTO:
+                queue.append(part)
 
 
-def _referents(obj: object) -> Iterable[object]:
-    """What obj refers to, as dropped_parts walks it: a function, only its closure's cells.
-
-    A function made per request (Django's lazy request.user, `lambda: get_user(request)`)
-    refers to the request through its closure; its module's globals and code are shared.
-    """
-    if type(obj) is types.FunctionType:
-        return obj.__closure__ or ()
-    return gc.get_referents(obj)
-
-
-def _in_order() -> int:
-    # sys.getrefcount(order[j]) of an object held once, as dropped_parts() reads it.
-    holder: list[list[object]] = [[]]
-    order: list[object] = [holder, holder[0]]
-    return sys.getrefcount(order[1]) - 1
-
-
-_IN_ORDER = _in_order()
-
-
-# How dropped_parts treats objects of a type: skipped (shared: a flag, a class, a module,
-# code; ours), counted (strings, bytes, numbers: they refer to nothing), or walked into.
+# How _owned treats objects of a type: skipped (shared or tiny: a status code, a flag, a
+# class, a function; ours), counted (strings, bytes: they refer to nothing), or walked into.
 _SKIP, _LEAF, _INTO = "skip", "leaf", "into"
 _SKIPPED: tuple[type, ...] = (
-    type(None), bool, types.ModuleType, types.FrameType, types.CodeType,
+    type(None), bool, int, float, types.ModuleType, types.MethodType, types.FunctionType,
+    types.BuiltinFunctionType, types.FrameType, types.CodeType,
 )  # fmt: skip
-_LEAVES = frozenset((str, bytes, int, float))
-_WALK: dict[type, str] = dict.fromkeys(_SKIPPED, _SKIP) | dict.fromkeys(_LEAVES, _LEAF)
+_WALK: dict[type, str] = dict.fromkeys(_SKIPPED, _SKIP) | {str: _LEAF, bytes: _LEAF}
 
 
 def _walk_of(kind: type) -> str:
@@ -177,27 +145,21 @@ def _walk_of(kind: type) -> str:
         walk = _SKIP
     else:
         walk = _INTO
-    # Not a class made at run time (django-filter makes a form class per request): remembered,
-    # it would stay alive with what it refers to (its fields, their querysets), charged to the
-    # calls that made it. At most 1,024 others.
-    if len(_WALK) < 1024 and _named_by_its_module(kind):
+    if len(_WALK) < 1024:  # types made at run time are not remembered without bound
         _WALK[kind] = walk
     return walk
 
 
-def _named_by_its_module(cls: type) -> bool:
-    """Whether cls is what its module's namespace names it (not a class made by a call)."""
-    qualname = getattr(cls, "__qualname__", "")
-    module = sys.modules.get(getattr(cls, "__module__", None) or "")
-    if module is None or "<locals>" in qualname:
-        return False
-    found: object = module
-    for name in qualname.split("."):
-        namespace = getattr(found, "__dict__", None)
-        if not isinstance(namespace, Mapping):
-            return False
-        found = namespace.get(name)
-    return found is cls
+def _one_owner() -> int:
+    # sys.getrefcount() of an object with one holder, seen as _owned() sees its parts (the
+    # list of referents and the loop's variable hold it too).
+    holder = [object()]
+    for part in gc.get_referents(holder):
+        return sys.getrefcount(part)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_ONE_OWNER = _one_owner()
 
 
 def _count(held: dict[Cell, list[int]], cell: Cell, size: int) -> None:
