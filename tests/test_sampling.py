@@ -387,6 +387,14 @@ def test_a_class_made_per_call_is_not_kept_by_the_walk() -> None:
     del response
     gc.collect()
     assert form_class() is None  # remembered by the walk's cache of types, it stayed alive
+    # The same for the walk of what only the response refers to (sampled tracing).
+    from django_leakguard.tracing_baseline import owned_parts
+
+    response, form_class = page()
+    list(owned_parts(response, (), 1000))
+    del response
+    gc.collect()
+    assert form_class() is None
 
 
 def test_a_reading_that_saw_a_full_collection_does_not_count(rec: Recorder) -> None:

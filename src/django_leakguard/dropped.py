@@ -121,12 +121,12 @@ def _walk_of(kind: type) -> str:
     # Not a class made at run time (django-filter makes a form class per request): remembered,
     # it would stay alive with what it refers to (its fields, their querysets), charged to the
     # calls that made it. At most 1,024 others.
-    if len(_WALK) < 1024 and _named_by_its_module(kind):
+    if len(_WALK) < 1024 and named_by_its_module(kind):
         _WALK[kind] = walk
     return walk
 
 
-def _named_by_its_module(cls: type) -> bool:
+def named_by_its_module(cls: type) -> bool:
     """Whether cls is what its module's namespace names it (not a class made by a call)."""
     qualname = getattr(cls, "__qualname__", "")
     module = sys.modules.get(getattr(cls, "__module__", None) or "")

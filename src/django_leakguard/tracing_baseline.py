@@ -9,6 +9,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from django_leakguard.dropped import named_by_its_module
 from django_leakguard.tracing_sites import Cell, Place, frames_cell, is_user_file
 
 # Objects a response owns that are counted at most (see held_anyway): its headers, cookies,
@@ -145,7 +146,8 @@ def _walk_of(kind: type) -> str:
         walk = _SKIP
     else:
         walk = _INTO
-    if len(_WALK) < 1024:  # types made at run time are not remembered without bound
+    # Not a class made at run time: remembered, it would stay alive (see dropped._walk_of).
+    if len(_WALK) < 1024 and named_by_its_module(kind):
         _WALK[kind] = walk
     return walk
 
