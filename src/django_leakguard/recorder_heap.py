@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from django_leakguard import memory, tracing_gc
 from django_leakguard.dropped import dropped_parts
+from django_leakguard.sizes import inline_values_size
 from django_leakguard.tracing_baseline import response_content
 
 # mallinfo2() walks the allocator's free lists and sys.getallocatedblocks() pymalloc's pools,
@@ -49,7 +50,8 @@ _MANAGED_DICT = 1 << 4 if sys.version_info >= (3, 11) else 0
 # Python 3.11 and 3.12 keep the attributes' values in an array of their own until __dict__ is
 # asked for (then the dict owns it, and sys.getsizeof() of the dict counts it): where the
 # instance's pointer to it lies before the instance, and the tag that marks it (3.12 shares
-# the word with the dict pointer). Python 3.13 keeps the values inside the instance.
+# the word with the dict pointer). Python 3.13 keeps the values inside the instance, where
+# sys.getsizeof() does not count them (see sizes.inline_values_size).
 _VALUES_AT, _VALUES_TAG = {(3, 11): (32, 0), (3, 12): (24, 1)}.get(sys.version_info[:2], (0, 0))
 
 
@@ -99,8 +101,8 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
         parts = [root, *response_content(root)]
         parts.extend(dropped_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS))
         for part in parts:
-            size = sys.getsizeof(part)
             kind = type(part)
+            size = sys.getsizeof(part) + inline_values_size(kind)
             flags = kind.__flags__
             head = kind.__basicsize__ + (GC_HEADER if flags & _HAVE_GC else 0)
             if flags & _MANAGED_DICT:

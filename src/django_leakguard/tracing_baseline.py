@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from django_leakguard.dropped import named_by_its_module
+from django_leakguard.sizes import object_size
 from django_leakguard.tracing_sites import Cell, Place, frames_cell, is_user_file
 
 # Objects a response owns that are counted at most (see held_anyway): its headers, cookies,
@@ -61,7 +62,7 @@ def held_anyway(
             found.append((root, cell))
     stop_tracing()
     for root, cell in found:
-        _count(held, cell, sys.getsizeof(root))
+        _count(held, cell, object_size(root))
         size, count = _owned(root, counted)
         totals = held.setdefault((cell[0], ANY_PLACE), [0, 0])
         totals[0] += size
@@ -85,7 +86,7 @@ def _owned(root: object, counted: set[int]) -> tuple[int, int]:
     """
     size = count = 0
     for part in owned_parts(root, counted):
-        size += sys.getsizeof(part)
+        size += object_size(part)
         count += 1
     return size, count
 
