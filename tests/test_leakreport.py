@@ -99,7 +99,7 @@ def fill(heap: bool = True) -> None:
 
 
 TABLE = """\
-Ranked by memory kept (C heap and small objects; caches that level off, and keys with fewer than 5 readings, after the others); top 3 of 3 keys, 270 calls.
+Ranked by memory kept (C heap and small objects; caches that level off after the others; keys with fewer than 5 readings by what those kept, not scaled up); top 3 of 3 keys, 270 calls.
 
 #  kind     key                view                    calls  readings  heap/call  heap kept   RSS/call  share  grew
 1  request  /leak/retain/      shop.views.leak_retain    200       200   64.0 KiB   12.5 MiB    1.0 KiB  99.8%   10%

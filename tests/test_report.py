@@ -379,3 +379,20 @@ def test_detail_escapes_control_characters() -> None:
         assert not {"\x1b", "\x07", "\r", "\u202e"} & set(text)
     untraced = [Detail("request", HOSTILE, 10, 0, 0, ())]
     assert SHOWN in render_detail(untraced, HOSTILE, NOW, "table")
+
+
+def test_a_key_with_few_readings_ranks_by_what_they_kept_among_the_others() -> None:
+    # Where threads keep calls overlapping, few of a key's calls run alone: a leak read 4
+    # times ranks by what those 4 readings kept (not scaled up to its 60 calls), among the
+    # others; a key read twice keeping little ranks by that little.
+    rows = [
+        Row("request", "/spike/", calls=30, heap_calls=15, heap_growth=15 * 500),
+        Row("request", "/leak/", calls=60, heap_calls=4, heap_growth=4 * 60_000),
+        Row("request", "/rare/", calls=1000, heap_calls=2, heap_growth=2 * 1_000),
+        Row("request", "/plain/", calls=1000, heap_calls=40, heap_growth=40 * 100),
+    ]
+    built = build_report(rows, Workers(), source="database", since=NOW, until=NOW, limit=0)
+    assert [row.key for row in built.rows] == ["/leak/", "/plain/", "/spike/", "/rare/"]
+    leak = built.rows[0]
+    assert leak.heap_kept == 240_000  # what the readings kept, not 60 x 60,000
+    assert leak.confidence == "low"

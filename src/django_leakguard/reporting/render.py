@@ -166,8 +166,8 @@ def render_csv(report: Report) -> str:
 
 _RANKED_BY = {
     "heap": (
-        "memory kept (C heap and small objects; caches that level off, and keys with fewer "
-        f"than {MIN_EXTRAPOLATE} readings, after the others)"
+        "memory kept (C heap and small objects; caches that level off after the others; "
+        f"keys with fewer than {MIN_EXTRAPOLATE} readings by what those kept, not scaled up)"
     ),
     "rss": "net RSS growth (what the OS charged)",
     "heap-per-call": "heap kept per call",
