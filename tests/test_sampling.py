@@ -506,7 +506,11 @@ def test_confidence_and_no_extrapolation_from_a_handful() -> None:
     assert few.heap_kept == 3000  # what the readings kept, not scaled to 1,000 calls
     assert some.heap_kept == 100_000
     built = build_report([few, some, many], Workers(), source="database", since=None, until=None)
-    # Three readings rank after keys that have enough to scale from, whatever they kept.
+    # Three readings rank by what they kept (3,000 B, not scaled to 1,000 calls) among the
+    # others: below 100,000 B scaled from 10 readings, above 1,000 B scaled from 100.
+    assert [row.key for row in built.rows] == ["/some/", "/few/", "/many/"]
+    few.heap_growth = 300
+    built = build_report([few, some, many], Workers(), source="database", since=None, until=None)
     assert [row.key for row in built.rows] == ["/some/", "/many/", "/few/"]
 
 
