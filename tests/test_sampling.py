@@ -540,3 +540,30 @@ def test_what_a_reading_spent_beforehand_counts_in_its_cost(rec: Recorder) -> No
     rec._heap_cost = 0.0
     rec._time_heap(0.25)
     assert rec._heap_cost >= 0.25
+
+
+def test_a_call_s_end_reads_the_heap_twice_around_the_walk_of_its_response(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.http import HttpResponse
+
+    from django_leakguard import memory
+
+    reads = []
+    heap = memory.heap
+
+    def counted() -> int | None:
+        reads.append(1)
+        return heap()
+
+    call(rec, "/page/")  # warm-up: reads nothing
+    c = rec.begin(read_heap=False)
+    rec.measure_heap(c, REQUEST, "/page/")
+    response = HttpResponse(b"x" * 40_000)  # 40 KiB of C heap the server frees right after
+    monkeypatch.setattr(memory, "heap", counted)
+    rec.end(c, REQUEST, "/page/", held=(response,))
+    # Before and after the walk (whatever it leaves behind is left out), not a third time.
+    assert len(reads) == 2
+    kept = rec.totals()[REQUEST, "/page/"]
+    assert kept.heap_calls == 1
+    assert kept.heap_growth < 20_000  # the page is not kept

@@ -657,24 +657,23 @@ class Recorder(Flushing, HeapTiming):
         # the walk of it leaves behind: the C heap chunks of its tables, kept in the thread's
         # allocator cache (counted as in use) the first times it needs them that large, and
         # the types it remembers (one call had 19 KiB and 270 blocks of it).
-        held_heap = held_blocks = walk_heap = walk_blocks = 0
-        if held:
-            # CPython's free lists full on both sides: the walk's temporary lists and dicts
-            # parked there are not what it leaves behind.
-            fill_free_lists()
-            before = memory.heap(), sys.getallocatedblocks()
-            held_heap, held_blocks = held_memory(held)
-            fill_free_lists()
-            after = memory.heap(), sys.getallocatedblocks()
-            if before[0] is not None and after[0] is not None:
-                walk_heap = max(0, after[0] - before[0])
-            walk_blocks = max(0, after[1] - before[1])
-        heap = self._time_heap(time.perf_counter() - start, collect=-1)
-        if heap is None:
-            return None
+        if not held:
+            heap = self._time_heap(time.perf_counter() - start, collect=-1)
+            return None if heap is None else (heap[0] - server_heap, heap[1])
+        # Read before the walk and after it, the free lists full on both sides (the walk's
+        # temporary lists and dicts parked there are not what it leaves behind), and take the
+        # smaller of the two: whatever the walk left, not more.
+        self._prepare_reading(-1)
+        before = memory.heap()
+        before_blocks = sys.getallocatedblocks()
+        held_heap, held_blocks = held_memory(held)
+        fill_free_lists()
+        after = self._finish_reading(start)
+        if after is None or before is None:
+            return None  # pragma: no cover - CI has glibc >= 2.33
         return (
-            heap[0] - held_heap - server_heap - walk_heap,
-            heap[1] - held_blocks - walk_blocks,
+            min(before, after[0]) - held_heap - server_heap,
+            min(before_blocks, after[1]) - held_blocks,
         )
 
     def _join_end_heap(

@@ -185,11 +185,20 @@ class HeapTiming:
         none, see Recorder.read_again).
         """
         start = time.perf_counter() - spent
+        self._prepare_reading(collect)
+        return self._finish_reading(start)
+
+    @staticmethod
+    def _prepare_reading(collect: int) -> None:
+        """What a heap reading does first (see _time_heap)."""
         if collect >= 0 and gc.isenabled():
             gc.collect(collect)
         # Names made at run time that only the type cache refers to (see memory): not kept.
         memory.clear_type_cache()
         fill_free_lists()
+
+    def _finish_reading(self, start: float) -> tuple[int, int] | None:
+        """Read the heap signals, once prepared; count the time since start in the cost."""
         heap = memory.heap()
         if heap is None:
             return None  # pragma: no cover - CI has glibc >= 2.33
