@@ -10,6 +10,7 @@ import sys
 # takes 304 to 328 bytes, of which getsizeof() says 48. Their size is the class's: one slot
 # per key its instances share (the type's cached keys, dk_nentries + dk_usable) and a header.
 _INLINE_VALUES = 1 << 2
+_HEAP_TYPE = 1 << 9  # only a class made by a class statement or type() has cached keys
 _WORD = ctypes.sizeof(ctypes.c_void_p)
 # Where a PyDictKeysObject keeps dk_usable and dk_nentries (after its refcount, three bytes
 # and the 32-bit version).
@@ -56,7 +57,8 @@ _KEYS_AT = _cached_keys_at()
 
 def inline_values_size(kind: type) -> int:
     """The bytes of attribute values each instance of kind keeps in its own allocation."""
-    if not _KEYS_AT or not kind.__flags__ & _INLINE_VALUES:
+    flags = kind.__flags__
+    if not _KEYS_AT or not flags & _INLINE_VALUES or not flags & _HEAP_TYPE:
         return 0
     keys = ctypes.c_size_t.from_address(id(kind) + _KEYS_AT).value
     if not keys:
