@@ -83,9 +83,20 @@ def test_calls_that_never_run_alone_stop_reading(
     rec.end(holder, REQUEST, "/holder/")
     busy = rec.totals()[REQUEST, "/busy/"]
     assert (busy.calls, busy.heap_calls) == (300, 0)
-    early = 50 - 1  # past the warm-up call, all early calls read (late from the 51st call)
-    # A reading at the call's heap reading and one at its end.
-    assert len(reads) == 2 * (early + recorder.MAX_ATTEMPTS)
+    # Another call was in flight at each one's start: none read (its reading could not count).
+    assert reads == []
+    # Each begins alone and another call comes and goes before it ends (gthread under load).
+    for _ in range(300):
+        c = rec.begin(read_heap=False)
+        rec.measure_heap(c, REQUEST, "/overlapped/")
+        call(rec, "/other/")
+        rec.end(c, REQUEST, "/overlapped/")
+    overlapped = rec.totals()[REQUEST, "/overlapped/"]
+    assert (overlapped.calls, overlapped.heap_calls) == (300, 0)
+    # All late (the process has served more than half its 100 requests): MAX_ATTEMPTS tries
+    # in the band, each a reading at the call's heap reading and one at its end (the calls
+    # of /other/ began with /overlapped/ in flight: they read nothing).
+    assert len(reads) == 2 * recorder.MAX_ATTEMPTS
 
 
 def test_the_middleware_reads_per_key_once_the_url_is_resolved(

@@ -345,6 +345,10 @@ class Recorder(Flushing, HeapTiming):
                 return
             if not self._has_heap:
                 return  # pragma: no cover - CI has glibc >= 2.33
+            if self._in_flight > 1:
+                # Another call is in flight: this one's reading could not count (see _end), and
+                # would use up one of the key's tries (MAX_ATTEMPTS) for nothing.
+                return
             name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
             hour = int(time.time()) // 3600
             late = self._heap_band(name, hour)
