@@ -25,7 +25,6 @@ import gc
 import itertools
 import os
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from django_leakguard import conf, lifespan, memory, threads, tracing
 from django_leakguard.flusher import Flusher
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_flush import Flushing, RateLimitedLog
-from django_leakguard.recorder_heap import HeapTiming, fill_free_lists, held_memory
+from django_leakguard.recorder_heap import HeapTiming, fill_free_lists, held_memory, live_blocks
 from django_leakguard.records import (
     KEY_MAX_LENGTH,
     TASK,
@@ -669,7 +668,7 @@ class Recorder(Flushing, HeapTiming):
         # smaller of the two: whatever the walk left, not more.
         self._prepare_reading(-1)
         before = memory.heap()
-        before_blocks = sys.getallocatedblocks()
+        before_blocks = live_blocks()
         held_heap, held_blocks = held_memory(held)
         fill_free_lists()
         after = self._finish_reading(start)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from django_leakguard import memory, tracing_gc
 from django_leakguard.dropped import dropped_parts
+from django_leakguard.free_tuples import free_tuples
 from django_leakguard.sizes import inline_values_size
 from django_leakguard.tracing_baseline import response_content
 
@@ -156,6 +157,13 @@ def fill_free_lists() -> None:
     del dicts, lists, floats
 
 
+def live_blocks() -> int:
+    """pymalloc blocks in use, less the freed tuples CPython keeps for reuse (see free_tuples):
+    a call that makes and frees many tuples puts them back there, one that keeps some takes
+    them from there, and neither should be charged with the other's."""
+    return sys.getallocatedblocks() - free_tuples()
+
+
 def asyncio_running() -> bool:
     """Return whether an asyncio event loop runs in this thread."""
     try:
@@ -202,7 +210,7 @@ class HeapTiming:
         heap = memory.heap()
         if heap is None:
             return None  # pragma: no cover - CI has glibc >= 2.33
-        blocks = sys.getallocatedblocks()
+        blocks = live_blocks()
         # A full collection since a call's first reading freed other calls' garbage too (not
         # tracing's, which frees nothing but CPython's free lists).
         self._gc_full = gc.get_stats()[2]["collections"] - tracing_gc.own_full_collections
