@@ -129,9 +129,9 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
 # response dropped after a call's end puts its dicts there, and the next call takes them.
 # Both readings of a call fill them first, so that the blocks counted do not depend on it.
 FREE_LIST_SIZE = 80
-# Freed tuples shorter than 20 go to free lists of up to 2,000 each: too many to fill, and in
-# a process that has run a while those of the common lengths are full, so that a tuple freed
-# gives its block back (counted so in held_memory).
+# Freed tuples shorter than 20 go to free lists of up to 2,000 each: too many to fill; the
+# readings count them out instead (see live_blocks), so a tuple freed counts as its block given
+# back (counted so in held_memory).
 FREE_FLOATS = 100  # and 100 floats
 
 
