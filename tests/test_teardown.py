@@ -345,8 +345,11 @@ def test_what_a_view_hangs_on_its_request_is_not_kept(
         serve(path_, rec)  # its URL pattern is known from now on
     hung = blocks_per_call("/hangs-on-request/")
     kept = blocks_per_call("/keeps-things/")
-    assert abs(hung) < 15, hung
-    assert 25 < kept < 60, kept  # 40 objects of one block each, and the list growing
+    assert abs(hung) < 20, hung
+    # 40 objects of one block each, and the list growing, above a page that keeps nothing
+    # (which this harness charges -10 to -15 blocks a call: objects made before the call
+    # and freed in it).
+    assert 30 < kept - hung < 60, (kept, hung)
     monkeypatch.setattr(middleware, "_path_keys", _Forgetful())
     hung_at_view = blocks_per_call("/hangs-on-request/")
     assert hung_at_view - hung > 30, (hung_at_view, hung)

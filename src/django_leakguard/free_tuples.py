@@ -43,6 +43,13 @@ def free_tuples() -> int:
     return sum(counts)
 
 
+def look_up() -> None:
+    """Find the counts now if they are still to be found: before a reading, never inside one
+    (looking frees thousands of tuples into the free lists)."""
+    if _counts is None and _tries < TRIES:
+        _look_up()
+
+
 def _look_up() -> ctypes.Array[ctypes.c_int] | None:
     global _counts, _tries
     with _lock:

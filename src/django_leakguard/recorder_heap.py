@@ -10,9 +10,8 @@ import sys
 import time
 from collections.abc import Iterable
 
-from django_leakguard import memory, tracing_gc
+from django_leakguard import free_tuples, memory, tracing_gc
 from django_leakguard.dropped import dropped_parts
-from django_leakguard.free_tuples import free_tuples
 from django_leakguard.sizes import inline_values_size
 from django_leakguard.tracing_baseline import response_content
 
@@ -161,7 +160,8 @@ def live_blocks() -> int:
     """pymalloc blocks in use, less the freed tuples CPython keeps for reuse (see free_tuples):
     a call that makes and frees many tuples puts them back there, one that keeps some takes
     them from there, and neither should be charged with the other's."""
-    return sys.getallocatedblocks() - free_tuples()
+    free = free_tuples.free_tuples()
+    return sys.getallocatedblocks() - free
 
 
 def asyncio_running() -> bool:
@@ -199,6 +199,7 @@ class HeapTiming:
     @staticmethod
     def _prepare_reading(collect: int) -> None:
         """What a heap reading does first (see _time_heap)."""
+        free_tuples.look_up()  # once per process, before any reading (see live_blocks)
         if collect >= 0 and gc.isenabled():
             gc.collect(collect)
         # Names made at run time that only the type cache refers to (see memory): not kept.
