@@ -88,3 +88,45 @@ def test_the_counts_are_found_before_a_reading_not_inside_it(
     assert second is not None
     assert abs(second[1] - first[1]) < 100, (first, second)
     del held
+
+
+def _ints(*values: int) -> bytes:
+    return b"".join(value.to_bytes(4, sys.byteorder) for value in values)
+
+
+def test_the_counts_are_the_one_place_that_grew_as_tuples_were_freed() -> None:
+    # A decoy (12, 9) that did not grow so, misaligned copies, and the counts at offset 12.
+    before = _ints(12, 9, 0, 1, 0, 0, 7)
+    middle = _ints(12, 9, 0, 5, 7, 3, 7)
+    after = _ints(12, 9, 0, 10, 12, 9, 7)
+    assert free_tuples._matches([before, middle, after]) == [12]
+    assert free_tuples._matches([before, before, after]) == []
+
+
+def test_looking_for_the_counts_never_fails_a_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(free_tuples, "_counts", None)
+    monkeypatch.setattr(free_tuples, "_tries", 0)
+    monkeypatch.setattr(free_tuples, "_find_counts", broken)
+    assert free_tuples.free_tuples() == 0
+    monkeypatch.setattr(free_tuples.sys, "platform", "darwin")
+    assert free_tuples._find_counts.__name__ == "broken"
+    monkeypatch.undo()
+    monkeypatch.setattr(free_tuples.sys, "platform", "darwin")
+    assert free_tuples._find_counts() is None  # /proc/self/mem is Linux's
+
+
+def test_reading_stops_at_an_unmapped_address() -> None:
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        assert free_tuples._read(mem, 0) == b""  # page 0 is never mapped
+    free_tuples.look_up()
+    counts = free_tuples._counts
+    assert counts is not None
+    assert free_tuples._look_up() is counts  # found once, kept
+
+
+def test_no_counts_where_the_place_is_not_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(free_tuples, "_matches", lambda snapshots: [])
+    assert free_tuples._find_counts() is None

@@ -69,7 +69,7 @@ def _find_counts() -> ctypes.Array[ctypes.c_int] | None:
     get = ctypes.pythonapi.PyInterpreterState_Get
     get.restype = ctypes.c_void_p
     state = get()
-    if not state:
+    if not state:  # pragma: no cover - a thread without an interpreter does not run this
         return None
     # Hold more tuples of lengths 1 to 3 than a free list keeps: their free lists are empty.
     # Then free a few of each, twice, with nothing else that frees a short tuple meanwhile
@@ -84,6 +84,14 @@ def _find_counts() -> ctypes.Array[ctypes.c_int] | None:
         del ones[:5], twos[:5], threes[:6]
         snapshots.append(_read(mem, state))
     del ones, twos, threes
+    found = _matches(snapshots)
+    if len(found) != 1:
+        return None
+    return (ctypes.c_int * LENGTHS).from_address(state + found[0])
+
+
+def _matches(snapshots: list[bytes]) -> list[int]:
+    """The offsets in the three snapshots where the counts of lengths 1 to 3 are (see below)."""
     size = min(len(snapshot) for snapshot in snapshots) // 4 * 4
     views = [memoryview(snapshot[:size]).cast("i") for snapshot in snapshots]
     # The counts of lengths 1 to 3 grew by 4, 7, 3, then by 5, 5, 6 (the length-1 count may
@@ -103,21 +111,17 @@ def _find_counts() -> ctypes.Array[ctypes.c_int] | None:
         ] == [[4, 7, 3], [5, 5, 6]]:
             found.append(first * 4)
         at = last.find(pattern, at + 1)
-    if len(found) != 1:
-        return None
-    return (ctypes.c_int * LENGTHS).from_address(state + found[0])
+    return found
 
 
 def _read(mem: object, start: int) -> bytes:
     """Up to SCAN_BYTES of this process's memory from start, until an unmapped page."""
     chunks = []
-    for offset in range(0, SCAN_BYTES, _CHUNK):
+    for offset in range(0, SCAN_BYTES, _CHUNK):  # pragma: no branch - stops at a short read
         try:
             mem.seek(start + offset)  # type: ignore[attr-defined]
             chunk = mem.read(_CHUNK)  # type: ignore[attr-defined]
         except OSError:
-            break
-        if not chunk:
             break
         chunks.append(chunk)
         if len(chunk) < _CHUNK:

@@ -25,7 +25,10 @@ def _cached_keys_at() -> int:
     """
     if sys.version_info[:2] != (3, 13):
         return 0
+    return _probe_cached_keys()  # pragma: no cover - Python 3.13 only (tox's py313 envs)
 
+
+def _probe_cached_keys() -> int:  # pragma: no cover - Python 3.13 only (tox's py313 envs)
     def make() -> type:
         class Probe:
             pass
@@ -36,7 +39,7 @@ def _cached_keys_at() -> int:
     qualname = id(probe.__qualname__)  # "_cached_keys_at.<locals>.make.<locals>.Probe"
     words = [
         at
-        for at in range(0, type.__basicsize__ - _WORD, _WORD)
+        for at in range(0, type.__basicsize__ - _WORD, _WORD)  # type: ignore[operator]
         if ctypes.c_size_t.from_address(id(probe) + at).value == qualname
     ]
     if len(words) != 1:
@@ -60,6 +63,10 @@ def inline_values_size(kind: type) -> int:
     flags = kind.__flags__
     if not _KEYS_AT or not flags & _INLINE_VALUES or not flags & _HEAP_TYPE:
         return 0
+    return _inline_values_size(kind)  # pragma: no cover - Python 3.13 only (tox's py313 envs)
+
+
+def _inline_values_size(kind: type) -> int:  # pragma: no cover - Python 3.13 only
     keys = ctypes.c_size_t.from_address(id(kind) + _KEYS_AT).value
     if not keys:
         return 0
