@@ -32,10 +32,15 @@ _tries = 0
 
 
 def free_tuples() -> int:
-    """Return how many freed tuples CPython keeps for reuse, or 0 where it cannot tell (not
-    found yet: see look_up, which a reading calls first)."""
+    """Return how many freed tuples CPython keeps for reuse, or 0 where it cannot tell."""
     counts = _counts
-    return sum(counts) if counts is not None else 0
+    if counts is None:
+        if _tries >= TRIES:
+            return 0
+        counts = _look_up()
+        if counts is None:
+            return 0
+    return sum(counts)
 
 
 def look_up() -> None:
