@@ -381,7 +381,9 @@ def test_uwsgi_s_buffer_for_the_response_headers_is_not_kept(tmp_path: Path, htt
     assert "/products/<int:pk>/" in stored, (stored, log)
     plain = stored["/products/<int:pk>/"]
     assert plain["heap_calls"] >= 20, stored
-    assert abs(plain["blocks_growth"] / plain["heap_calls"]) < 10, stored
+    # A plain view reads -8 to -9 blocks a call under uWSGI here, -11 to -12 with the server
+    # under coverage (as in CI); a free-list count that changed within the readings: thousands.
+    assert abs(plain["blocks_growth"] / plain["heap_calls"]) < 20, stored
     per_call = plain["heap_growth"] / plain["heap_calls"]
     print(f"{http}: {per_call:.0f} B of heap a call kept by a view that keeps nothing")
     # The headers' buffer (4,160 B) not counted. Some 30 readings: one 32 KiB allocation of the

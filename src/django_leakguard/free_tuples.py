@@ -32,15 +32,10 @@ _tries = 0
 
 
 def free_tuples() -> int:
-    """Return how many freed tuples CPython keeps for reuse, or 0 where it cannot tell."""
+    """Return how many freed tuples CPython keeps for reuse, or 0 where it cannot tell (not
+    found yet: look_up, which a reading calls first, looks for them)."""
     counts = _counts
-    if counts is None:
-        if _tries >= TRIES:
-            return 0
-        counts = _look_up()
-        if counts is None:
-            return 0
-    return sum(counts)
+    return sum(counts) if counts is not None else 0
 
 
 def look_up() -> None:
@@ -48,6 +43,15 @@ def look_up() -> None:
     (looking frees thousands of tuples into the free lists)."""
     if _counts is None and _tries < TRIES:
         _look_up()
+
+
+def looks() -> int:
+    """How many times the counts were looked for in this process (at most TRIES).
+
+    A call whose two heap readings straddle a look does not count: the look freed thousands of
+    tuples meanwhile, and once the counts are found the readings count them out, before not.
+    """
+    return _tries
 
 
 def _look_up() -> ctypes.Array[ctypes.c_int] | None:

@@ -164,7 +164,7 @@ class Recorder(Flushing, HeapTiming):
         self._readings_hour = 0
         self._blocks_share = 0.0
         self._last_blocks = 0
-        self._gc_full = 0  # the collector's full collections at the latest heap reading
+        self._epoch = 0  # see HeapTiming._epoch
         self._keys: dict[int, int] = {}  # hour -> keys other than OTHER in that bucket
         self._worker = WorkerState(
             host=socket.gethostname()[:255],
@@ -239,7 +239,7 @@ class Recorder(Flushing, HeapTiming):
                 )
                 if heap is not None:
                     call.threads = -1 if threads is None else threads
-                    call.gc_full = self._gc_full
+                    call.epoch = self._epoch
                     call.late = late
                     if not in_flight:
                         call.alone_since = self._call_events
@@ -284,7 +284,7 @@ class Recorder(Flushing, HeapTiming):
                     call.blocks_share = self._blocks_share
                     call.flushes = early.flushes  # type: ignore[union-attr]
                     call.threads = early.threads  # type: ignore[union-attr]
-                    call.gc_full = early.gc_full  # type: ignore[union-attr]
+                    call.epoch = early.epoch  # type: ignore[union-attr]
                     call.alone_since = self._call_events
                     call.collect = 1
             if lost is not None:
@@ -364,7 +364,7 @@ class Recorder(Flushing, HeapTiming):
                 call.heap_share = self._join_heap(heap)
                 call.blocks_share = self._blocks_share
                 call.flushes = self._flushes
-                call.gc_full = self._gc_full
+                call.epoch = self._epoch
                 call.late = late
                 call.threads = -1 if threads is None else threads
                 if self._in_flight == 1:
@@ -415,7 +415,7 @@ class Recorder(Flushing, HeapTiming):
             if heap is None:
                 return None  # pragma: no cover - CI has glibc >= 2.33
             threads = -1 if threads is None else threads
-            return EarlyReading(generation, events, flushes, heap, threads, self._gc_full)
+            return EarlyReading(generation, events, flushes, heap, threads, self._epoch)
         except Exception:
             self._errors.exception("LeakGuard could not read the heap before a call")
             return None
@@ -436,7 +436,7 @@ class Recorder(Flushing, HeapTiming):
         except Exception:
             self._errors.exception("LeakGuard could not read the heap before a call")
             return None
-        return None if heap is None else early._replace(heap=heap, gc_full=self._gc_full)
+        return None if heap is None else early._replace(heap=heap, epoch=self._epoch)
 
     def _is_late(self, kind: str) -> bool:
         """Whether a call of kind beginning now is late: its process has served half the calls
@@ -702,7 +702,7 @@ class Recorder(Flushing, HeapTiming):
             and call.alone_since == self._call_events
             and call.flushes == flushes
             and not flushes & 1
-            and call.gc_full == self._gc_full
+            and call.epoch == self._epoch
         ):
             return (
                 round(self._heap_share - call.heap_share),  # type: ignore[operator]
@@ -738,7 +738,7 @@ class EarlyReading(NamedTuple):
     flushes: int
     heap: tuple[int, int]  # C heap in use, pymalloc blocks
     threads: int  # the process's threads then (-1: not known)
-    gc_full: int  # the collector's full collections then (see Call.gc_full)
+    epoch: int  # see Call.epoch
 
 
 def _now() -> datetime:

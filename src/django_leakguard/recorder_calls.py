@@ -12,8 +12,8 @@ class Call:
         "alone_since",
         "blocks_share",
         "collect",
+        "epoch",
         "flushes",
-        "gc_full",
         "generation",
         "heap_share",
         "late",
@@ -41,11 +41,12 @@ class Call:
         # The recorder's flush count when the call began: a call that overlaps a flush in its
         # process is not charged with what the flush allocated (see Recorder._flushes).
         self.flushes = flushes
-        # The collector's full collections when the call read the heap: a full collection
-        # frees the garbage of earlier calls (a REST framework response's reference cycle,
-        # moved to the oldest generation while its server still held it), so a call that saw
-        # one is not charged with it, nor credited (see HeapTiming._time_heap).
-        self.gc_full = 0
+        # The collector's full collections when the call read the heap, plus the looks for the
+        # freed tuples' counts (see free_tuples.looks): a full collection frees the garbage of
+        # earlier calls (a REST framework response's reference cycle, moved to the oldest
+        # generation while its server still held it), so a call that saw one is not charged
+        # with it, nor credited (see HeapTiming._finish_reading).
+        self.epoch = 0
         # The recorder's count of begun and ended calls when the call read the heap with no
         # other call in flight; -1 otherwise. A heap reading counts only for a call that stayed
         # alone until its end (see Recorder._end).

@@ -178,7 +178,7 @@ class HeapTiming:
 
     _has_heap: bool
     _heap_cost: float  # moving average of one heap() reading, in seconds
-    _gc_full: int  # the collector's full collections at the latest reading (see Call.gc_full)
+    _epoch: int  # full collections and looks for freed tuples by the latest reading (Call.epoch)
 
     def _time_heap(self, spent: float = 0.0, collect: int = 0) -> tuple[int, int] | None:
         """Read the heap signals: C heap in use and pymalloc blocks, young garbage collected.
@@ -213,8 +213,14 @@ class HeapTiming:
             return None  # pragma: no cover - CI has glibc >= 2.33
         blocks = live_blocks()
         # A full collection since a call's first reading freed other calls' garbage too (not
-        # tracing's, which frees nothing but CPython's free lists).
-        self._gc_full = gc.get_stats()[2]["collections"] - tracing_gc.own_full_collections
+        # tracing's, which frees nothing but CPython's free lists); a look for the freed
+        # tuples' counts changed what the readings count (see free_tuples.looks). Both only
+        # grow: their sum changes when either does.
+        self._epoch = (
+            gc.get_stats()[2]["collections"]
+            - tracing_gc.own_full_collections
+            + free_tuples.looks()
+        )
         cost = time.perf_counter() - start
         # A moving average of the readings as requests really see them (slower than in a tight
         # loop); a reading slowed by preemption or page faults counts as at most 4 times the
