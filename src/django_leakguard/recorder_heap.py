@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from django_leakguard import free_tuples, memory, tracing_gc
 from django_leakguard.dropped import dropped_parts
-from django_leakguard.sizes import inline_values_size
+from django_leakguard.sizes import object_size
 from django_leakguard.tracing_baseline import response_content
 
 # mallinfo2() walks the allocator's free lists and sys.getallocatedblocks() pymalloc's pools,
@@ -102,7 +102,7 @@ def _held_memory(held: Iterable[object]) -> tuple[int, int]:
         parts.extend(dropped_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS))
         for part in parts:
             kind = type(part)
-            size = sys.getsizeof(part) + inline_values_size(kind)
+            size = object_size(part)
             flags = kind.__flags__
             head = kind.__basicsize__ + (GC_HEADER if flags & _HAVE_GC else 0)
             if flags & _MANAGED_DICT:

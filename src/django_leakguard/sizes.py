@@ -36,7 +36,7 @@ def _probe_cached_keys() -> int:  # pragma: no cover - Python 3.13 only (tox's p
         return Probe
 
     probe = make()
-    qualname = id(probe.__qualname__)  # "_cached_keys_at.<locals>.make.<locals>.Probe"
+    qualname = id(probe.__qualname__)  # "_probe_cached_keys.<locals>.make.<locals>.Probe"
     words = [
         at
         for at in range(0, type.__basicsize__ - _WORD, _WORD)  # type: ignore[operator]
