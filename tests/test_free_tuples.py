@@ -131,7 +131,10 @@ def test_reading_stops_at_an_unmapped_address() -> None:
     free_tuples.look_up()
     counts = free_tuples._counts
     assert counts is not None
-    assert free_tuples._look_up() is counts  # found once, kept
+    tries = free_tuples._tries
+    free_tuples.look_up()
+    assert free_tuples._counts is counts  # found once, kept
+    assert free_tuples._tries == tries  # not looked for again
 
 
 def test_no_counts_where_the_place_is_not_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,8 +41,16 @@ def free_tuples() -> int:
 def look_up() -> None:
     """Find the counts now if they are still to be found: before a reading, never inside one
     (looking frees thousands of tuples into the free lists)."""
-    if _counts is None and _tries < TRIES:
-        _look_up()
+    global _counts, _tries
+    if _counts is not None or _tries >= TRIES:
+        return
+    with _lock:
+        if _counts is None and _tries < TRIES:  # pragma: no branch - else: another thread did
+            _tries += 1
+            try:
+                _counts = _find_counts()
+            except Exception:  # anything unexpected: count nothing, never fail a reading
+                _counts = None
 
 
 def looks() -> int:
@@ -52,18 +60,6 @@ def looks() -> int:
     tuples meanwhile, and once the counts are found the readings count them out, before not.
     """
     return _tries
-
-
-def _look_up() -> ctypes.Array[ctypes.c_int] | None:
-    global _counts, _tries
-    with _lock:
-        if _counts is None and _tries < TRIES:
-            _tries += 1
-            try:
-                _counts = _find_counts()
-            except Exception:  # anything unexpected: count nothing, never fail a reading
-                _counts = None
-    return _counts
 
 
 def _find_counts() -> ctypes.Array[ctypes.c_int] | None:
