@@ -17,15 +17,13 @@ import argparse
 import random
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from bench_middleware import handler, setup  # noqa: E402  (after the path is set)
+from bench_middleware import handler, setup, time_round  # noqa: E402  (after the path is set)
 
 ROUNDS = 31
 REQUESTS_PER_ROUND = 2000
@@ -35,13 +33,6 @@ RATES = {"TRACE_SAMPLE_RATE=0": 0.0, "TRACE_SAMPLE_RATE=0.01": 0.01}
 
 def leakguard(rate: float) -> dict[str, Any]:
     return {"FLUSH_INTERVAL": 3600, "TRACE_SAMPLE_RATE": rate}
-
-
-def time_round(serve: Callable[[], Any], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        serve()
-    return (time.perf_counter() - start) / n
 
 
 def main() -> None:
