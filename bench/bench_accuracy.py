@@ -113,6 +113,24 @@ def print_table(scenario: str, outcomes: Sequence[Outcome]) -> None:
         print(f"  run {i + 1}: {listed}")
 
 
+def print_rows(outcomes: Sequence[Outcome]) -> None:
+    """Every key's row of each run, as leakreport ranked it: what the summary leaves out."""
+    names = {kind.key(outcome.kind): kind.name for outcome in outcomes for kind in workload.KINDS}
+    for outcome in outcomes:
+        print(
+            f"rows of seed {outcome.plan.seed}: rank, kind, heap/call, blocks/call, calls, "
+            "readings"
+        )
+        for row in outcome.rows:
+            readings = row.get("heap_calls") or 0
+            blocks = row.get("blocks_growth") or 0
+            print(
+                f"  {row['rank']:>3}  {names.get(row['key'], row['key']):<12} "
+                f"{format_bytes(row.get('heap_growth_per_call_bytes')):>10} "
+                f"{blocks / readings if readings else 0:>8.1f} {row['calls']:>6} {readings:>6}"
+            )
+
+
 def verdict(scenario: str, outcomes: Sequence[Outcome]) -> str:
     runs = len(outcomes)
     clean = sum(outcome.clean for outcome in outcomes)
@@ -156,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--sqlite", action="store_true", help="SQLite even when PostgreSQL is reachable"
     )
+    parser.add_argument(
+        "--rows", action="store_true", help="also print every key's row of each run"
+    )
     options = parser.parse_args(argv)
     chosen = [name.strip() for name in options.servers.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(CHOICES))
@@ -195,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             verdicts.append(f"{scenario}: FAILED to run (see above)")
             continue
         print_table(scenario, outcomes)
+        if options.rows:
+            print_rows(outcomes)
         verdicts.append(verdict(scenario, outcomes))
     print("\nSummary")
     for line in verdicts:

@@ -319,3 +319,71 @@ def test_a_child_over_the_memory_limit_is_replaced(tmp_path: Path) -> None:
         _send(env, f"for i in range(4): tasks.add.delay(i, i, note={str(note)!r})")
         pids = _pids(note, 5, server)
     assert leaker not in pids[1:]
+
+
+# What a task keeps, per call, in pymalloc blocks (the heap readings' second signal).
+def _blocks_per_call(app: Celery, task: Any, calls: int) -> float:
+    from django_leakguard.recorder_process import get_recorder
+
+    recorder = get_recorder()
+    recorder.discard()
+    for _ in range(calls):
+        task.delay()
+    aggregate = next(
+        aggregate
+        for bucket in recorder.pending().values()
+        for key, aggregate in bucket.items()
+        if key == ("task", task.name)
+    )
+    recorder.discard()
+    assert aggregate.heap_calls >= calls - 2  # the first call is warm-up
+    return aggregate.blocks_growth / aggregate.heap_calls
+
+
+_kept: list[object] = []
+
+
+@pytest.mark.skipif(not memory.heap_available(), reason="no heap signal (glibc mallinfo2)")
+def test_a_returned_value_celery_frees_is_not_kept_and_a_kept_one_is(app: Celery) -> None:
+    # Celery's tracer still holds a task's return value at task_postrun and frees it right
+    # after: a task returning a fresh dict of 40 strings keeps nothing; one that also appends
+    # what it returns to a module-level list keeps it all (tasks run by Celery's own tracer,
+    # eagerly, in this process).
+    configure(app)
+    app.conf.task_always_eager = True
+
+    @app.task(name="tests.fresh")
+    def fresh() -> dict[str, str]:
+        return {f"key {n}": f"value {n} " * 3 for n in range(40)}
+
+    @app.task(name="tests.keeps")
+    def keeps() -> dict[str, str]:
+        value = {f"key {n}": f"value {n} " * 3 for n in range(40)}
+        _kept.append(value)
+        return value
+
+    try:
+        fresh_blocks = _blocks_per_call(app, fresh, 30)
+        kept_blocks = _blocks_per_call(app, keeps, 30)
+    finally:
+        _kept.clear()
+    assert fresh_blocks < 10
+    assert kept_blocks > 75  # 80 strings and the dict's table
+
+
+def test_the_return_value_is_taken_off_only_with_the_known_tracer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Called directly: fewer references than Celery's tracer holds mean another tracer, whose
+    # count is not known, and the value is never taken off again in this process.
+    monkeypatch.setattr(leakguard_celery, "_retval_refs_ok", True)
+    assert leakguard_celery._returned({}) == ()
+    value = ["made here"]
+    assert leakguard_celery._returned({"retval": value}) == ()
+    assert not leakguard_celery._retval_refs_ok
+    holders = [value] * (leakguard_celery.RETVAL_REFS - 2)  # with the dict: as many as Celery's
+    assert leakguard_celery._returned({"retval": value}) == ()  # turned off
+    monkeypatch.setattr(leakguard_celery, "_retval_refs_ok", True)
+    assert leakguard_celery._returned({"retval": value}) == (value,)
+    holders.append(value)
+    assert leakguard_celery._returned({"retval": value}) == ()  # something else keeps it

@@ -361,6 +361,25 @@ def test_what_a_response_s_cycles_free_with_it() -> None:
     del holders
 
 
+def test_a_dict_s_string_keys_made_with_it_are_freed_with_it() -> None:
+    from django_leakguard.dropped import dropped_parts
+
+    # The collector is shown a dict's values only when all its keys are strings.
+    data = {f"row {n}": f"value {n}" for n in range(20)}
+    shared = f"shared {1}"
+    data[shared] = "x"
+    also = [shared]  # something else refers to this key
+    ids = {id(part) for part in dropped_parts(data, (), 1000)}
+    assert all(id(key) in ids for key in data if key is not shared)
+    assert all(id(value) in ids for key, value in data.items() if key is not shared)
+    assert id(shared) not in ids
+    # A dict with other keys shows them all: none counted twice (a key held by another
+    # object, seen twice, would look freed with the dict).
+    mixed = {1: "one", shared: "x"}
+    assert id(shared) not in {id(part) for part in dropped_parts(mixed, (), 1000)}
+    del also
+
+
 def test_a_request_a_lazy_user_s_closure_refers_to_is_freed_with_the_response() -> None:
     from django.http import HttpResponse
     from django.utils.functional import SimpleLazyObject

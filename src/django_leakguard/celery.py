@@ -12,6 +12,7 @@ In the project's celery.py::
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import weakref
 from typing import Any
@@ -141,13 +142,43 @@ def _task_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) ->
     _calls[task_id] = get_recorder().begin(read_heap=True, kind=TASK)
 
 
+# References to a task's return value at task_postrun when nothing else keeps it, as
+# _returned counts them: Celery's tracer (trace_task's `R = retval = fun(...)`, two locals,
+# and the value passed to task_postrun's send() on its frame's stack), send()'s keyword
+# arguments, the ones it calls each receiver with, and this receiver's own. The tracer lets go
+# of the value once it returns, right after.
+RETVAL_REFS = 6
+# Fewer references than that once seen (another Celery tracer): the return value is never
+# taken off in this process again, since a kept one could then look unkept.
+_retval_refs_ok = True
+
+
 def _task_postrun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     call = _calls.pop(task_id, None) if task_id is not None else None
     if call is None or task is None:
         return
     from django_leakguard.recorder_process import get_recorder
 
-    get_recorder().end(call, TASK, str(task.name))
+    get_recorder().end(call, TASK, str(task.name), held=_returned(kwargs))
+
+
+def _returned(kwargs: dict[str, Any]) -> tuple[object, ...]:
+    """The task's return value, if Celery frees it once task_postrun is done, else nothing.
+
+    Celery's tracer still refers to the value when it sends task_postrun, and lets go of it
+    right after (a worker sends back its repr): what only the value refers to is freed then,
+    not kept by the task, like a response being closed. A value something else refers to (a
+    module-level list the task appends it to) has more references and stays counted: only
+    what nothing outside refers to is taken off (see dropped.dropped_parts).
+    """
+    global _retval_refs_ok
+    if not _retval_refs_ok or "retval" not in kwargs:
+        return ()
+    refs = sys.getrefcount(kwargs["retval"]) - 1  # less this line's own reference
+    if refs < RETVAL_REFS:
+        _retval_refs_ok = False
+        return ()
+    return (kwargs["retval"],) if refs == RETVAL_REFS else ()
 
 
 def _connect_postrun_last(**kwargs: Any) -> None:
