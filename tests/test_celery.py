@@ -377,11 +377,15 @@ def test_the_return_value_is_taken_off_only_with_the_known_tracer(
     # Called directly: fewer references than Celery's tracer holds mean another tracer, whose
     # count is not known, and the value is never taken off again in this process.
     monkeypatch.setattr(leakguard_celery, "_retval_refs_ok", True)
+    unkept = leakguard_celery._unkept_refs()
+    assert 3 <= unkept <= 10  # two locals and the dispatch's, as many as this Python holds
+    monkeypatch.setattr(leakguard_celery, "_unkept", unkept)
     assert leakguard_celery._returned({}) == ()
     value = ["made here"]
+    holders = [value] * (unkept - 3)  # with value and the dict: one fewer than Celery's
     assert leakguard_celery._returned({"retval": value}) == ()
     assert not leakguard_celery._retval_refs_ok
-    holders = [value] * (leakguard_celery.RETVAL_REFS - 2)  # with the dict: as many as Celery's
+    holders.append(value)  # as many as Celery's
     assert leakguard_celery._returned({"retval": value}) == ()  # turned off
     monkeypatch.setattr(leakguard_celery, "_retval_refs_ok", True)
     assert leakguard_celery._returned({"retval": value}) == (value,)

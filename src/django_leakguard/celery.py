@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery.utils.dispatch import Signal
 
 from django_leakguard import conf, lifespan, memory
 from django_leakguard.records import TASK
@@ -142,17 +143,6 @@ def _task_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) ->
     _calls[task_id] = get_recorder().begin(read_heap=True, kind=TASK)
 
 
-# References to a task's return value at task_postrun when nothing else keeps it, as
-# _returned counts them: Celery's tracer (trace_task's `R = retval = fun(...)`, two locals,
-# and the value passed to task_postrun's send() on its frame's stack), send()'s keyword
-# arguments, the ones it calls each receiver with, and this receiver's own. The tracer lets go
-# of the value once it returns, right after.
-RETVAL_REFS = 6
-# Fewer references than that once seen (another Celery tracer): the return value is never
-# taken off in this process again, since a kept one could then look unkept.
-_retval_refs_ok = True
-
-
 def _task_postrun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     call = _calls.pop(task_id, None) if task_id is not None else None
     if call is None or task is None:
@@ -160,6 +150,13 @@ def _task_postrun(task_id: str | None = None, task: Any = None, **kwargs: Any) -
     from django_leakguard.recorder_process import get_recorder
 
     get_recorder().end(call, TASK, str(task.name), held=_returned(kwargs))
+
+
+# The references a task's return value has in _task_postrun when nothing else keeps it (see
+# _unkept_refs); None until first needed. Fewer once seen (a tracer other than Celery 5's):
+# the value is never taken off in this process again, since a kept one could look unkept.
+_unkept: int | None = None
+_retval_refs_ok = True
 
 
 def _returned(kwargs: dict[str, Any]) -> tuple[object, ...]:
@@ -171,14 +168,46 @@ def _returned(kwargs: dict[str, Any]) -> tuple[object, ...]:
     module-level list the task appends it to) has more references and stays counted: only
     what nothing outside refers to is taken off (see dropped.dropped_parts).
     """
-    global _retval_refs_ok
+    global _unkept, _retval_refs_ok
     if not _retval_refs_ok or "retval" not in kwargs:
         return ()
-    refs = sys.getrefcount(kwargs["retval"]) - 1  # less this line's own reference
-    if refs < RETVAL_REFS:
+    if _unkept is None:
+        _unkept = _unkept_refs()
+    refs = _references(kwargs)
+    if refs < _unkept:
         _retval_refs_ok = False
         return ()
-    return (kwargs["retval"],) if refs == RETVAL_REFS else ()
+    return (kwargs["retval"],) if refs == _unkept else ()
+
+
+def _references(kwargs: dict[str, Any]) -> int:
+    return sys.getrefcount(kwargs["retval"]) - 1  # less getrefcount's own argument
+
+
+def _unkept_refs() -> int:
+    """The references a return value nothing else keeps has in _task_postrun, on this Python.
+
+    How many the signal's dispatch holds differs between Python versions (4 to 7 in all): a
+    private signal is sent as Celery's tracer sends task_postrun (trace_task holds the value
+    in two locals, R and retval, and passes it by keyword), to a receiver of _task_postrun's
+    shape, which counts them as _returned does.
+    """
+    counts: list[int] = []
+
+    def receiver(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+        counts.append(_references(kwargs))
+
+    signal = Signal(name="django_leakguard.calibration")
+    signal.connect(receiver, weak=False)
+    _send_as_tracer(signal)
+    return counts[0] if counts else -1
+
+
+def _send_as_tracer(signal: Signal) -> object:
+    # As celery.app.trace's trace_task: `R = retval = fun(...)`, then task_postrun's send().
+    R = retval = [object()]
+    signal.send(sender=None, task_id="", task=None, args=(), kwargs={}, retval=retval, state="")
+    return R
 
 
 def _connect_postrun_last(**kwargs: Any) -> None:
