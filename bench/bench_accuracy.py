@@ -11,6 +11,10 @@ the default (heap kept). A table per server gives every leak's rank and the non-
 above any leak; a last scenario serves a 48 KiB/call database view among the non-leaks.
 
     python bench/bench_accuracy.py [--runs 3] [--servers gunicorn-sync,uwsgi] [--quick]
+        [--seed N] [--rows]
+
+--rows also prints every key's row of each run (rank, heap and pymalloc blocks per call,
+calls, readings): where the offsets and the non-leaks' figures show.
 
 Run it under `flock /tmp/leakguard-bench.lock` on a shared machine.
 """
