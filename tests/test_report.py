@@ -381,6 +381,24 @@ def test_detail_escapes_control_characters() -> None:
     assert SHOWN in render_detail(untraced, HOSTILE, NOW, "table")
 
 
+def test_a_key_without_readings_ranks_after_the_keys_the_heap_ranks() -> None:
+    # Under ASGI most views that keep nothing read a few KiB a call below 0; a key with no
+    # reading at all (counted as 0 B) came above all of them. It has nothing to rank by: it
+    # comes after every key with readings, caches that level off included, by RSS.
+    rows = [
+        Row("request", "/spike/", calls=30, rss_growth=30 * 1024**2),
+        Row("request", "/plain/", calls=400, heap_calls=90, heap_growth=90 * -8000),
+        Row("request", "/leak/", calls=100, heap_calls=30, heap_growth=30 * 2000),
+        Row("request", "/quiet/", calls=5, rss_growth=0),
+    ]
+    built = build_report(rows, Workers(), source="database", since=NOW, until=NOW, limit=0)
+    assert [row.key for row in built.rows] == ["/leak/", "/plain/", "/spike/", "/quiet/"]
+    assert built.rows[2].confidence == "none"
+    # Ranked by RSS, the same rows keep their RSS order.
+    built = build_report(rows, Workers(), source="database", since=NOW, until=NOW, sort="rss")
+    assert built.rows[0].key == "/spike/"
+
+
 def test_a_key_with_few_readings_ranks_by_what_they_kept_among_the_others() -> None:
     # Where threads keep calls overlapping, few of a key's calls run alone: a leak read 4
     # times ranks by what those 4 readings kept (not scaled up to its 60 calls), among the

@@ -159,12 +159,16 @@ def build_report(
         return row.heap_kept if ranked_by.startswith("heap") else row.rss_growth
 
     def tier(row: Row) -> int:
-        # By the heap signals: keys that keep memory, then caches that level off. A key with
-        # too few readings to scale up from ranks among the others by what its readings kept
-        # (see Row.heap_kept): where threads keep calls overlapping, a leak may have only a
-        # few readings, each keeping as much as the others.
+        # By the heap signals: keys that keep memory, then caches that level off, then keys
+        # with no reading at all (nothing to rank them by: counted as 0 B, they came above
+        # every key whose readings gave memory back). A key with too few readings to scale up
+        # from ranks among the others by what its readings kept (see Row.heap_kept): where
+        # threads keep calls overlapping, a leak may have only a few readings, each keeping
+        # as much as the others.
         if not ranked_by.startswith("heap"):
             return 0
+        if not row.heap_calls:
+            return 2
         return 1 if row.trend == "levels off" else 0
 
     # Ties (a signal of 0 B, say) by what the OS charged, then by traffic.
