@@ -628,3 +628,19 @@ def test_a_call_whose_readings_straddle_the_look_for_freed_tuples_does_not_count
     totals = rec.totals()[REQUEST, "/key/"]
     assert totals.heap_calls == 9  # not the one that straddled the look
     assert abs(totals.blocks_growth) < 50 * 9, totals.blocks_growth
+
+
+def test_whether_a_call_would_read_never_fails_a_request(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django_leakguard.records import KEY_MAX_LENGTH
+
+    rec.end(rec.begin(), "request", "/a/")  # the key's warm-up call: the next ones read
+    assert rec.heap_wanted("request", "/a/")
+    assert not rec.heap_wanted("request", "/" + "x" * KEY_MAX_LENGTH)  # a new key: warm-up
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(rec, "_heap_band", broken)
+    assert rec.heap_wanted("request", "/a/") is False

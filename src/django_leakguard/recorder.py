@@ -387,8 +387,23 @@ class Recorder(Flushing, HeapTiming):
             return None
         return late
 
+    def heap_wanted(self, kind: str, key: str) -> bool:
+        """Whether a call of key beginning now would read the heap (see _heap_band), other
+        calls in flight aside; for read_heap_early(decided=True) after waiting for them."""
+        try:
+            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            return self._has_heap and self._heap_band(name, int(time.time()) // 3600) is not None
+        except Exception:
+            self._errors.exception("LeakGuard could not read the heap before a call")
+            return False
+
     def read_heap_early(
-        self, kind: str, key: str, before: Callable[[], object] | None = None
+        self,
+        kind: str,
+        key: str,
+        before: Callable[[], object] | None = None,
+        *,
+        decided: bool = False,
     ) -> EarlyReading | None:
         """Read the heap signals for the call about to begin, expected to be of key, if that
         key needs them: before Django makes the request (request_started), with young
@@ -399,13 +414,13 @@ class Recorder(Flushing, HeapTiming):
         (request.user refers back to the request) would keep them until some later call's
         collection. Read here, the call's end collects generation 1 and frees them.
         before: called first when it reads (what other request_started receivers free, done
-        before the reading whatever their order).
+        before the reading whatever their order). decided: heap_wanted() said yes already.
         """
         try:
             if self._in_flight or not self._has_heap:
                 return None  # another call in flight: this one would not run alone
             name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
-            if self._heap_band(name, int(time.time()) // 3600) is None:
+            if not decided and self._heap_band(name, int(time.time()) // 3600) is None:
                 return None
             if before is not None:
                 before()
@@ -714,6 +729,11 @@ class Recorder(Flushing, HeapTiming):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def answered(self) -> int:
+        """Calls in flight that were answered and end at their teardown (see awaiting_close)."""
+        return len(self._closing)
 
     @property
     def last_sample(self) -> tuple[int, int]:
