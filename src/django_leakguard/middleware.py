@@ -44,7 +44,8 @@ TEARDOWN_WAITING_MAX = 1000
 # seconds after the executor's shutdown.
 TEARDOWN_FALLBACK = 0.01
 # A call about to read the heap under LeakGuardASGI waits at most this many seconds for the
-# calls in flight that only wait for their teardown to end, polling every TEARDOWN_POLL.
+# calls in flight, when all were answered (their teardown under way), to end; polling every
+# TEARDOWN_POLL seconds.
 TEARDOWN_YIELD = 0.002
 TEARDOWN_POLL = 0.0001
 
