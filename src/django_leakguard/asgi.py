@@ -41,29 +41,25 @@ class LeakGuardASGI:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._read_early: Callable[[Scope], Awaitable[Token[Any]]] | None = None
+        self._read_early: Callable[[Scope], Awaitable[Token[Any] | None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
-            if scope["type"] != "http":
-                await self.app(scope, receive, send)
-                return
-            # The heap read before Django's handler makes anything for the request, and the
-            # call's end once it has returned (see middleware.read_heap_before_asgi);
-            # imported here, once Django is set up.
-            read_early = self._read_early
-            if read_early is None:
-                from django_leakguard.middleware import read_heap_before_asgi
+            # The heap read before Django's handler makes anything for the request (see
+            # middleware.read_heap_before_asgi); imported here, once Django is set up.
+            token = None
+            if scope["type"] == "http":
+                read_early = self._read_early
+                if read_early is None:
+                    from django_leakguard.middleware import read_heap_before_asgi
 
-                read_early = self._read_early = read_heap_before_asgi
-            token = await read_early(scope)
+                    read_early = self._read_early = read_heap_before_asgi
+                token = await read_early(scope)
             try:
                 await self.app(scope, receive, send)
             finally:
-                state = token.var.get()
-                token.var.reset(token)
-                if state is not None:
-                    state.end()
+                if token is not None:
+                    token.var.reset(token)
             return
         received: list[str] = []
 

@@ -60,27 +60,9 @@ _EARLY_UID = "django_leakguard.middleware.read_heap_early"
 # Under ASGI, the decision LeakGuardASGI took before Django's handler began (see
 # read_heap_before_asgi): the reading, if any, and the URL pattern it decided for. In the
 # request's asyncio context, which the handler's tasks copy.
-_asgi_early: ContextVar[AsgiRequest | None] = ContextVar("django_leakguard_asgi", default=None)
-
-
-class AsgiRequest:
-    """What LeakGuardASGI decided for one request before Django's handler began, and the end
-    of its call, which the wrapper runs once the handler has returned (see _EndAtClose)."""
-
-    __slots__ = ("key", "reading", "teardown")
-
-    def __init__(self) -> None:
-        self.reading: EarlyReading | None = None
-        self.key: str | None = None  # the URL pattern decided for (None: nothing decided)
-        self.teardown: _Teardown | None = None
-
-    def end(self) -> None:
-        """The handler has returned: end the call it served, if it waits."""
-        teardown, self.teardown = self.teardown, None
-        if teardown is not None:
-            teardown.end()
-
-
+_asgi_early: ContextVar[tuple[EarlyReading | None, str] | None] = ContextVar(
+    "django_leakguard_asgi_early", default=None
+)
 _path_keys: dict[int, str] = {}
 PATH_KEYS_MAX = 1024
 # Paths that differ only in their numbers or hex digits are usually one URL pattern
@@ -143,7 +125,7 @@ def read_heap_early(
         logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
 
 
-async def read_heap_before_asgi(scope: Mapping[str, Any]) -> Token[AsgiRequest | None]:
+async def read_heap_before_asgi(scope: Mapping[str, Any]) -> Token[Any] | None:
     """LeakGuardASGI's part of read_heap_early, before Django's ASGI handler begins.
 
     Read there, on the event loop, the heap does not yet hold what the handler makes for the
@@ -151,39 +133,33 @@ async def read_heap_before_asgi(scope: Mapping[str, Any]) -> Token[AsgiRequest |
     of that thread's freed chunks, counted as in use, is let go as the thread ends), the
     request, its body, the handler's tasks. Read in request_started's receiver, inside the
     request's thread, every call counted them as freed: about 100 pymalloc blocks and 6 to
-    9 KiB. The call served in this asyncio context takes the decision (see __acall__), and
-    ends once the handler has returned (AsgiRequest.end, run by the wrapper).
+    9 KiB. The call served in this asyncio context takes the decision (see __acall__).
 
     A client that sends its next request as soon as it has the answer (most do) finds the
     previous call in flight: answered, its response being closed and its request torn down,
     which the handler does on this loop. A call that would read the heap waits for it, at most
     TEARDOWN_YIELD seconds, rather than read nothing.
-
-    Return the token of the request's AsgiRequest, for the wrapper to reset.
     """
-    state = AsgiRequest()
-    token = _asgi_early.set(state)
-    if not _path_keys or tracemalloc.is_tracing():
-        return token
+    if not _path_keys or tracemalloc.is_tracing() or scope.get("type") != "http":
+        return None
     try:
         key = _path_keys.get(_path_hash(_asgi_path_info(scope)))
         if key is None or not recording():
-            return token
+            return None
         recorder = get_recorder()
         decided = False
         if recorder.in_flight and recorder.in_flight <= recorder.answered:
             if not recorder.heap_wanted(REQUEST, key):
-                state.key = key
-                return token
+                return _asgi_early.set((None, key))
             decided = True
             deadline = time.monotonic() + TEARDOWN_YIELD
             while recorder.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(TEARDOWN_POLL)
-        state.reading = recorder.read_heap_early(REQUEST, key, reset_queries, decided=decided)
-        state.key = key
+        reading = recorder.read_heap_early(REQUEST, key, reset_queries, decided=decided)
+        return _asgi_early.set((reading, key))
     except Exception:  # never fails a request
         logger.debug("LeakGuard could not read the heap before a request", exc_info=True)
-    return token
+    return None
 
 
 def _asgi_path_info(scope: Mapping[str, Any]) -> str:
@@ -294,7 +270,7 @@ class _EndAtClose:
             if call is not None and (
                 context is None
                 or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
-                    context, _asgi_early.get()
+                    context
                 )
             ):
                 held: tuple[object, ...] = () if response is None else (response,)
@@ -371,18 +347,8 @@ class _Teardown:
         self._loop = loop
         self._closed_at = time.monotonic()
 
-    def wait_for(self, context: object, state: AsgiRequest | None = None) -> bool:
-        """End the call once context's executor is done with; False when it has none.
-
-        state: where LeakGuardASGI serves the request, its AsgiRequest: the call ends once the
-        handler has returned instead (the executor is done with by then, and the handler has
-        let go of the response).
-        """
-        if state is not None:
-            _Teardown.end_overdue(self._closed_at)
-            state.teardown = self
-            _Teardown._waiting[id(self)] = self
-            return True
+    def wait_for(self, context: object) -> bool:
+        """End the call once context's executor is done with; False when it has none."""
         executors = getattr(SyncToAsync, "context_to_thread_executor", None)
         executor = None if executors is None else executors.get(context)
         if executor is None:
@@ -513,10 +479,10 @@ class LeakGuardMiddleware:
             return response
         recorder = get_recorder()
         early, decided = (None, None)
-        state = _asgi_early.get()
-        if state is not None:
-            # Read before Django's handler began (LeakGuardASGI): no dispatch then.
-            early, decided, state.reading = state.reading, state.key, None
+        before = _asgi_early.get()
+        if before is not None:
+            early, decided = before  # read before Django's handler began: no dispatch then
+            _asgi_early.set(None)
         elif _early is not None and _REQUEST_CONTEXT is not None:
             early, decided = _take_early(_REQUEST_CONTEXT.get(None))
             if early is not None:
