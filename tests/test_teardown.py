@@ -449,8 +449,11 @@ def test_under_leakguard_asgi_the_heap_is_read_before_the_handler_begins(
     print(
         f"ASGI, blocks and C heap a call: in the receiver {receiver}, in LeakGuardASGI {wrapper}"
     )
+    # About +7 to +11 blocks a call for the page here, +24 with the server under coverage's
+    # tracer (in CI); -100 to -180 read in the receiver.
     assert receiver["/page/"][0] < -40, receiver
-    assert abs(wrapper["/page/"][0]) < 15, wrapper
+    assert abs(wrapper["/page/"][0]) < 40, wrapper
+    assert wrapper["/page/"][0] - receiver["/page/"][0] > 60, (receiver, wrapper)
     assert wrapper["/keeps-things/"][0] - wrapper["/page/"][0] > 20, wrapper
     _kept_things.clear()
 
