@@ -117,8 +117,8 @@ def assert_boot_times(env: dict[str, str]) -> None:
     assert all(0 < boot < 30 for boot in boots), boots
 
 
-def assert_leak_ranked_first(env: dict[str, str], kind: str) -> list[dict[str, Any]]:
-    """Check leakreport's JSON: a leak first, the transient key not in the top three."""
+def assert_leak_ranked_first(env: dict[str, str], kind: str, top: int = 3) -> list[dict[str, Any]]:
+    """Check leakreport's JSON: a leak first, the transient key not in the top `top`."""
     data = report(env)
     rows = [row for row in data["rows"] if row["kind"] == kind]  # type: ignore[attr-defined]
     keys = [row["key"] for row in rows]
@@ -129,7 +129,7 @@ def assert_leak_ranked_first(env: dict[str, str], kind: str) -> list[dict[str, A
     ]
     assert keys[0] in LEAKS | TASK_LEAKS, summary
     transient = TRANSIENT if kind == "request" else TASK_TRANSIENT
-    assert transient not in keys[:3], summary
+    assert transient not in keys[:top], summary
     return rows
 
 
@@ -171,8 +171,10 @@ def test_gunicorn(
     assert servers.stored_calls(env, "request") == expected
     assert_boot_times(env)
 
-    # (b) A leak ranks first; the transient spike is not in the top three.
-    assert_leak_ranked_first(env, "request")
+    # (b) A leak ranks first; the transient spike is not in the top three. Under gthread,
+    # where few of a leak's calls run alone (2 readings of 59 calls in one CI run), issue 12's
+    # target allows one non-leak above a leak: the spike not in the top two.
+    assert_leak_ranked_first(env, "request", 3 if worker_class == "sync" else 2)
 
     # (c) No worker served more than its limit plus its jitter. A gthread worker also finishes
     # the requests its other threads had already accepted when it decided to stop.
