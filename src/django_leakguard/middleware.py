@@ -267,16 +267,15 @@ class _EndAtClose:
             self._close = _closed
             call, self._call = self._call, None
             context, self._context = self._context, None
-            if call is not None and (
-                context is None
-                or not _Teardown(self._recorder, call, self._key, self._view, self._loop).wait_for(
-                    context
-                )
-            ):
-                held: tuple[object, ...] = () if response is None else (response,)
+            if call is not None:
+                # Only a call that reads the heap or traces looks at them.
+                held: tuple[object, ...] = ()
                 if call.heap_share is not None or call.trace is not None:
-                    held += logged_queries()
-                self._recorder.end(call, REQUEST, self._key, self._view, held, server_heap)
+                    held = logged_queries() if response is None else (response, *logged_queries())
+                if context is None or not _Teardown(
+                    self._recorder, call, self._key, self._view, self._loop, held
+                ).wait_for(context):
+                    self._recorder.end(call, REQUEST, self._key, self._view, held, server_heap)
 
     def __del__(self) -> None:
         call = self._call
@@ -329,7 +328,9 @@ class _Teardown:
     wait.
     """
 
-    __slots__ = ("__weakref__", "_call", "_closed_at", "_key", "_loop", "_recorder", "_view")
+    __slots__ = (
+        "__weakref__", "_call", "_closed_at", "_held", "_key", "_loop", "_recorder", "_view",
+    )  # fmt: skip
     _waiting: dict[int, _Teardown] = {}
 
     def __init__(
@@ -339,12 +340,18 @@ class _Teardown:
         key: str,
         view: str,
         loop: asyncio.AbstractEventLoop | None,
+        held: tuple[object, ...] = (),
     ) -> None:
         self._recorder = recorder
         self._call: Call | None = call
         self._key = key
         self._view = view
         self._loop = loop
+        # The closed response (and the queries logged), held until the end, which takes off
+        # what they free: under ASGI a REST framework response's reference cycle (its view,
+        # request, serializer) is often in the collector's oldest generation by then, which
+        # the end does not collect, so it would count as kept.
+        self._held = held
         self._closed_at = time.monotonic()
 
     def wait_for(self, context: object) -> bool:
@@ -387,6 +394,7 @@ class _Teardown:
             self._loop.call_soon_threadsafe(callback, *args)  # type: ignore[union-attr]
         except RuntimeError:  # the loop is closed: end with the next call
             call, self._call = self._call, None
+            self._held = ()
             _Teardown._waiting.pop(id(self), None)
             if call is not None:
                 self._recorder.end_later(call, REQUEST, self._key, self._view)
@@ -403,8 +411,11 @@ class _Teardown:
     def end(self) -> None:
         _Teardown._waiting.pop(id(self), None)
         call, self._call = self._call, None
+        # Let go of the response here, whatever happens: the executor's finaliser refers to
+        # this object for as long as the executor lives.
+        held, self._held = self._held, ()
         if call is not None:
-            self._recorder.end(call, REQUEST, self._key, self._view)
+            self._recorder.end(call, REQUEST, self._key, self._view, held)
 
 
 class LeakGuardMiddleware:
