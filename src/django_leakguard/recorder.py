@@ -348,7 +348,7 @@ class Recorder(Flushing, HeapTiming):
                 # Another call is in flight: this one's reading could not count (see _end), and
                 # would use up one of the key's tries (MAX_ATTEMPTS) for nothing.
                 return
-            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            name = _name(kind, key)
             hour = int(time.time()) // 3600
             late = self._heap_band(name, hour)
             if late is None:
@@ -391,7 +391,7 @@ class Recorder(Flushing, HeapTiming):
         """Whether a call of key beginning now would read the heap (see _heap_band), other
         calls in flight aside; for read_heap_early(decided=True) after waiting for them."""
         try:
-            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            name = _name(kind, key)
             return self._has_heap and self._heap_band(name, int(time.time()) // 3600) is not None
         except Exception:
             self._errors.exception("LeakGuard could not read the heap before a call")
@@ -419,7 +419,7 @@ class Recorder(Flushing, HeapTiming):
         try:
             if self._in_flight or not self._has_heap:
                 return None  # another call in flight: this one would not run alone
-            name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+            name = _name(kind, key)
             if not decided and self._heap_band(name, int(time.time()) // 3600) is None:
                 return None
             if before is not None:
@@ -463,7 +463,7 @@ class Recorder(Flushing, HeapTiming):
 
     def _count_early(self, call: Call, kind: str, key: str) -> None:
         """Count the early reading of call (see read_heap_early) for its key, now known."""
-        name = (kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key))
+        name = _name(kind, key)
         call.late = self._is_late(kind)  # as read_heap_early's band (no call came between)
         with self._lock:
             self._tally(name, ATTEMPTS + call.late, int(time.time()) // 3600)
@@ -600,9 +600,8 @@ class Recorder(Flushing, HeapTiming):
             heap = None if call.heap_share is None else self._end_heap(call, held, server_heap)
             rss = memory.rss()
             hour = int(time.time()) // 3600
-            if len(key) > KEY_MAX_LENGTH:
-                key = fit_key(key)  # looked up as it is stored (see records.fit_key)
-            name = (kind, key)
+            name = _name(kind, key)
+            key = name[1]
             with self._lock:
                 if call.generation != self._generation:
                     return  # ended meanwhile (the exit flush ends a call cut off by the exit)
@@ -759,6 +758,11 @@ class EarlyReading(NamedTuple):
     heap: tuple[int, int]  # C heap in use, pymalloc blocks
     threads: int  # the process's threads then (-1: not known)
     epoch: int  # see Call.epoch
+
+
+def _name(kind: str, key: str) -> tuple[str, str]:
+    """Return a call's (kind, key) as its totals are stored and looked up (records.fit_key)."""
+    return kind, key if len(key) <= KEY_MAX_LENGTH else fit_key(key)
 
 
 def _now() -> datetime:
