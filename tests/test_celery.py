@@ -367,7 +367,9 @@ def test_a_returned_value_celery_frees_is_not_kept_and_a_kept_one_is(app: Celery
         kept_blocks = _blocks_per_call(app, keeps, 30)
     finally:
         _kept.clear()
-    assert fresh_blocks < 10
+    # 8 blocks a call here (6 before the heap readings deferred the collector's middle
+    # generation); 15 before the value was taken off.
+    assert fresh_blocks < 12
     assert kept_blocks > 75  # 80 strings and the dict's table
 
 

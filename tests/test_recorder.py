@@ -274,6 +274,65 @@ def test_a_heap_reading_counts_only_for_a_call_alone(rec: Recorder) -> None:
     assert {key: a.calls for (_, key), a in totals.items()} == dict.fromkeys(readings, 1)
 
 
+def test_a_call_that_reads_the_heap_defers_the_middle_generation(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a call makes and drops in a reference cycle stays young until its end, whose
+    # collection frees it, instead of waiting in the oldest generation for a full collection.
+    if not memory.heap_available():
+        pytest.skip("no heap signal on this C library")
+    gc.enable()
+    before = gc.get_threshold()
+    deferred = (before[0], recorder_heap.DEFERRED_THRESHOLD, *before[2:])
+    assert before[1] < recorder_heap.DEFERRED_THRESHOLD
+    call = rec.begin(read_heap=True)
+    assert gc.get_threshold() == deferred
+    assert recorder_heap.still_young()
+    gc.collect(1)  # the call's own collection of the middle generation made things old
+    assert not recorder_heap.still_young()
+    rec.end(call, "request", "/deferred/")
+    assert gc.get_threshold() == before
+    assert not recorder_heap.still_young()
+    # A call that does not read the heap changes nothing.
+    call = rec.begin(read_heap=False)
+    assert gc.get_threshold() == before
+    rec.end(call, "request", "/rss-only/")
+    # Thresholds tuned beyond it by the application, or the collector off: left alone.
+    gc.set_threshold(before[0], 500, *before[2:])
+    try:
+        call = rec.begin(read_heap=True)
+        assert gc.get_threshold()[1] == 500
+        rec.end(call, "request", "/tuned/")
+    finally:
+        gc.set_threshold(*before)
+    gc.disable()
+    call = rec.begin(read_heap=True)
+    assert gc.get_threshold() == before
+    rec.end(call, "request", "/off/")
+    gc.enable()
+    # Changed by the application meanwhile: its thresholds stand.
+    call = rec.begin(read_heap=True)
+    gc.set_threshold(before[0], 50, *before[2:])
+    try:
+        rec.end(call, "request", "/changed/")
+        assert gc.get_threshold()[1] == 50
+    finally:
+        gc.set_threshold(*before)
+    # A call that never ends: the deferral ends at a later call's end once DEFER_MAX passed.
+    monkeypatch.setattr(recorder_heap, "DEFER_MAX", 0.0)
+    rec.begin(read_heap=True)
+    assert gc.get_threshold() == deferred
+    rec.end(rec.begin(read_heap=False), "request", "/later/")
+    assert gc.get_threshold() == before
+    # And a discard (a fork's child) ends it too.
+    monkeypatch.setattr(recorder_heap, "DEFER_MAX", 3600.0)
+    rec.discard()  # the call that never ended is forgotten
+    rec.begin(read_heap=True)
+    assert gc.get_threshold() == deferred
+    rec.discard()
+    assert gc.get_threshold() == before
+
+
 def test_keys_are_bounded(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     # MAX_KEYS counts per hour: a clock hour that turned during the loop made two buckets.
     monkeypatch.setattr(recorder.time, "time", lambda: 1_800_000_000.0)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from django_leakguard import memory, recorder, recorder_heap
+from django_leakguard import dropped, memory, recorder, recorder_heap
 from django_leakguard.recorder import EarlyReading, Recorder
 from django_leakguard.recorder_process import get_recorder
 from django_leakguard.records import REQUEST, TASK
@@ -335,8 +335,53 @@ def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
     assert abs(per_reading["/api/"] - per_reading["/empty/"]) < 100, per_reading
 
 
+def test_a_response_leading_to_an_old_registry_still_frees_its_cycles(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request's objects lead to structures made long before it (its resolver match to the
+    # URL resolver's patterns: in NetBox, 68,000 objects), past the walk's limit, where the
+    # response's own cycle then looked referred to from outside and counted as kept. The walk
+    # goes no further than what is young: what the call made (see defer_promotion).
+    monkeypatch.setattr(recorder_heap, "HELD_MEMORY_PARTS", 2_000)
+    registry = [{"entry": [n]} for n in range(3_000)]  # 6,000 objects
+
+    def api(key: str, count: int) -> None:
+        c = rec.begin_rss(rec.read_heap_early(REQUEST, key))
+        rec.measure_heap(c, REQUEST, key)
+        response = _api_response(count)
+        response.renderer_context["view"].registry = registry  # type: ignore[attr-defined]
+        rec.end(c, REQUEST, key, held=(response,))
+
+    def difference() -> float:
+        rec.discard()
+        gc.collect()
+        for _ in range(20):
+            api("/api/", 200)
+            api("/empty/", 0)
+        gc.collect()
+        totals = rec.totals()
+        per_reading = [
+            totals[REQUEST, key].blocks_growth / totals[REQUEST, key].heap_calls
+            for key in ("/api/", "/empty/")
+        ]
+        return per_reading[0] - per_reading[1]
+
+    gc.enable()  # the deferral is the collector's
+    gc.collect()  # the registry is old from now on
+    monkeypatch.setattr(dropped, "walks_cut", 0)
+    for _ in range(2):  # a warm-up call, then a reading whose walk is cut short at its limit:
+        api("/api/", 200)  # the readings note what is young from then on
+    assert dropped.walks_cut
+    walked_past = difference()
+    with monkeypatch.context() as patch:
+        patch.setattr(recorder, "still_young", lambda: False)  # the walk as it was
+        limited = difference()
+    # The view's 200 rows are about 1,000 blocks.
+    assert abs(walked_past) < 100, (walked_past, limited)
+    assert limited > 500, (walked_past, limited)
+
+
 def test_what_a_response_s_cycles_free_with_it() -> None:
-    from django_leakguard import dropped
     from django_leakguard.dropped import dropped_parts
 
     outside = ["a list something else refers to as well"]

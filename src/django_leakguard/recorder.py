@@ -32,11 +32,20 @@ from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import NamedTuple
 
-from django_leakguard import conf, lifespan, memory, threads, tracing
+from django_leakguard import conf, dropped, lifespan, memory, threads, tracing
+from django_leakguard.dropped import young_ids
 from django_leakguard.flusher import Flusher
 from django_leakguard.recorder_calls import Call
 from django_leakguard.recorder_flush import Flushing, RateLimitedLog
-from django_leakguard.recorder_heap import HeapTiming, fill_free_lists, held_memory, live_blocks
+from django_leakguard.recorder_heap import (
+    HeapTiming,
+    defer_promotion,
+    end_deferral,
+    fill_free_lists,
+    held_memory,
+    live_blocks,
+    still_young,
+)
 from django_leakguard.records import (
     KEY_MAX_LENGTH,
     TASK,
@@ -136,6 +145,7 @@ class Recorder(Flushing, HeapTiming):
         self._rss_share = 0.0
         self._heap_share = 0.0
         self._heap_in_flight = 0  # calls in flight that read the heap
+        end_deferral()  # theirs (see recorder_heap.defer_promotion), ended with them
         self._last_rss = 0
         self._last_heap = 0
         # When the latest closing sample was taken (monotonic), and whether it read the heap.
@@ -321,6 +331,8 @@ class Recorder(Flushing, HeapTiming):
         if n:
             self._heap_share += (heap[0] - self._last_heap) / n
             self._blocks_share += (heap[1] - self._last_blocks) / n
+        else:
+            defer_promotion()  # the call's cycles stay young until its end (see there)
         self._last_heap, self._last_blocks = heap
         self._heap_in_flight = n + 1
         return self._heap_share
@@ -652,6 +664,7 @@ class Recorder(Flushing, HeapTiming):
                 if not worker.kind:
                     worker.kind = kind
                 self._closed_at = now = time.monotonic()
+                end_deferral(now)  # a call that read the heap and never ended (see there)
                 self._closed_heap = heap is not None and not self._heap_in_flight
             if now >= self._flusher.watch_at:
                 self._flusher.watch(now)
@@ -665,6 +678,12 @@ class Recorder(Flushing, HeapTiming):
         start = time.perf_counter()
         if call.threads >= 0:
             self._wait_for_threads(call.threads)
+        # What the call made is young (see recorder_heap.defer_promotion): where it still is,
+        # the walk of what the caller frees goes no further (noted before the collection,
+        # which makes it old), once a walk in this process has been cut short at its limit.
+        young = young_ids() if held and dropped.walks_cut and still_young() else None
+        if self._heap_in_flight == 1:
+            end_deferral()  # before the readings, like its start: what it made is not counted
         # Garbage first: a template's rendering context (a reference cycle, garbage once the
         # page is rendered) refers to the objects of the response's context too, which would
         # not look the response's own.
@@ -683,7 +702,8 @@ class Recorder(Flushing, HeapTiming):
         self._prepare_reading(-1)
         before = memory.heap()
         before_blocks = live_blocks()
-        held_heap, held_blocks = held_memory(held)
+        held_heap, held_blocks = held_memory(held, young)
+        young = None
         fill_free_lists()
         after = self._finish_reading(start)
         if after is None or before is None:
@@ -706,6 +726,8 @@ class Recorder(Flushing, HeapTiming):
         self._blocks_share += (heap[1] - self._last_blocks) / n
         self._last_heap, self._last_blocks = heap
         self._heap_in_flight = n - 1
+        if n == 1:
+            end_deferral()
         flushes = self._flushes
         # A call that overlapped another, or a flush, would be charged with a share of what
         # they allocated and freed meanwhile (a database view in another thread opening a

@@ -8,7 +8,7 @@ import gc
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from django_leakguard import free_tuples, memory, tracing_gc
 from django_leakguard.dropped import dropped_parts
@@ -29,6 +29,65 @@ HEAP_PROBE_BUDGET = 1.0e-6
 # not wait (the loop serves other calls meanwhile).
 THREADS_WAIT = 0.002
 THREADS_POLL = 0.00005
+
+
+# While a call that read the heap is in flight, the collector's middle generation is collected
+# after this many collections of the youngest (CPython's default: 10). Each collection of the
+# middle one moves what is alive then to the oldest generation, which only a full collection
+# scans: a heavy view (a REST framework list in NetBox, about 30 collections of the youngest a
+# call) had its temporary reference cycles moved there mid-call, garbage by the call's end
+# that the end's collection of the young generations could not free (2.2 MiB a call "kept",
+# freed by the next full collection, which discards the call it falls in). Deferred, they are
+# still young at the end, which frees them; what the collector would have scanned mid-call is
+# scanned then, once. Bounded: the middle generation still collects past this many, and the
+# deferral ends after DEFER_MAX seconds whatever happens (a call that never ends).
+DEFERRED_THRESHOLD = 100
+DEFER_MAX = 10.0
+_saved_threshold: tuple[int, ...] | None = None
+_deferred_at = 0.0
+_middle_collections = -1  # the middle generation's collections when the deferral began
+
+
+def defer_promotion() -> None:
+    """Collect the middle generation less often, until end_deferral() (see DEFERRED_THRESHOLD).
+
+    Not where the collector is off or tuned by the application beyond it, nor on Python 3.14
+    and later (an incremental collector with other generations).
+    """
+    global _saved_threshold, _deferred_at, _middle_collections
+    if _saved_threshold is not None or not _GENERATIONAL or not gc.isenabled():
+        return
+    threshold = gc.get_threshold()
+    if len(threshold) < 2 or threshold[0] <= 0 or threshold[1] >= DEFERRED_THRESHOLD:
+        return
+    _saved_threshold = threshold
+    _deferred_at = time.monotonic()
+    _middle_collections = gc.get_stats()[1]["collections"]
+    gc.set_threshold(threshold[0], DEFERRED_THRESHOLD, *threshold[2:])
+
+
+def still_young() -> bool:
+    """Whether everything made since the deferral began is in the young generations still:
+    deferred, and no collection of the middle one since (a call's own gc.collect(), one past
+    DEFERRED_THRESHOLD)."""
+    return _saved_threshold is not None and gc.get_stats()[1]["collections"] == _middle_collections
+
+
+def end_deferral(now: float | None = None) -> None:
+    """Give the collector its thresholds back; with now, only once DEFER_MAX has passed.
+
+    Left alone where someone changed them meanwhile (theirs stand).
+    """
+    global _saved_threshold
+    saved = _saved_threshold
+    if saved is None or (now is not None and now - _deferred_at < DEFER_MAX):
+        return
+    _saved_threshold = None
+    if gc.get_threshold() == (saved[0], DEFERRED_THRESHOLD, *saved[2:]):
+        gc.set_threshold(*saved)
+
+
+_GENERATIONAL = sys.version_info < (3, 14)
 
 
 # pymalloc serves requests of up to this many bytes (one block each); larger ones are glibc's,
@@ -76,7 +135,7 @@ def chunk_size(request: int) -> int:
 HELD_MEMORY_PARTS = 50_000
 
 
-def held_memory(held: Iterable[object]) -> tuple[int, int]:
+def held_memory(held: Iterable[object], young: Container[int] | None = None) -> tuple[int, int]:
     """Return (C heap bytes, pymalloc blocks) that held and what only it refers to take.
 
     held is what a call's caller still refers to at the call's end and lets go of right after
@@ -85,21 +144,21 @@ def held_memory(held: Iterable[object]) -> tuple[int, int]:
     makes for it: one for a str, bytes or tuple, two for a list, dict or set (the object and
     its table), each a pymalloc block or C heap bytes by its size, as the heap signals see
     them (see TCACHE_MAX). An estimate: what matters is that a 30 KiB page is not taken for
-    30 KiB kept.
+    30 KiB kept. young: see dropped.dropped_parts.
     """
     try:
-        return _held_memory(held)
+        return _held_memory(held, young)
     except Exception:  # a part's own __sizeof__ that fails: take nothing off, keep the call
         return 0, 0
 
 
-def _held_memory(held: Iterable[object]) -> tuple[int, int]:
+def _held_memory(held: Iterable[object], young: Container[int] | None) -> tuple[int, int]:
     heap = blocks = 0
     for root in held:
         # An HttpResponse's content, whoever else refers to it: the server's loop over the
         # response holds its last chunk until it has closed it.
         parts = [root, *response_content(root)]
-        parts.extend(dropped_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS))
+        parts.extend(dropped_parts(root, [id(part) for part in parts], HELD_MEMORY_PARTS, young))
         for part in parts:
             kind = type(part)
             size = object_size(part)
