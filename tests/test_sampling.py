@@ -310,29 +310,40 @@ def _api_response(count: int) -> object:
     return response
 
 
-def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
-    def api(key: str, count: int) -> None:
-        c = rec.begin_rss(rec.read_heap_early(REQUEST, key))
-        rec.measure_heap(c, REQUEST, key)
-        response = _api_response(count)
-        # The server holds the response at its close, and drops it right after: the view's
-        # rows are freed then, by the collector (the view is in a reference cycle).
-        rec.end(c, REQUEST, key, held=(response,))
+def _api_call(rec: Recorder, key: str, count: int, registry: object = None) -> None:
+    """One call of a REST framework view returning count rows (see _api_response); its view
+    also refers to registry, when given."""
+    c = rec.begin_rss(rec.read_heap_early(REQUEST, key))
+    rec.measure_heap(c, REQUEST, key)
+    response = _api_response(count)
+    if registry is not None:
+        response.renderer_context["view"].registry = registry  # type: ignore[attr-defined]
+    # The server holds the response at its close, and drops it right after: the view's
+    # rows are freed then, by the collector (the view is in a reference cycle).
+    rec.end(c, REQUEST, key, held=(response,))
 
+
+def _api_blocks_difference(rec: Recorder, registry: object = None) -> float:
+    """Blocks a reading of a view returning 200 rows minus one returning none, over 20 each."""
     gc.collect()
     for _ in range(20):
-        api("/api/", 200)
-        api("/empty/", 0)
+        _api_call(rec, "/api/", 200, registry)
+        _api_call(rec, "/empty/", 0, registry)
     gc.collect()
     totals = rec.totals()
-    per_reading = {
-        key: totals[REQUEST, key].blocks_growth / totals[REQUEST, key].heap_calls
+    api, empty = (
+        totals[REQUEST, key].blocks_growth / totals[REQUEST, key].heap_calls
         for key in ("/api/", "/empty/")
-    }
+    )
+    return api - empty
+
+
+def test_a_response_s_reference_cycles_are_not_kept(rec: Recorder) -> None:
+    difference = _api_blocks_difference(rec)
     # Counted as kept, the view's 200 rows (1,000 blocks) made a reading of /api/ 1,000
     # blocks more than one of /empty/ (a response the collector found in a cycle at the
     # call's end went to its oldest generation, to be freed by a full collection).
-    assert abs(per_reading["/api/"] - per_reading["/empty/"]) < 100, per_reading
+    assert abs(difference) < 100, difference
 
 
 def test_a_response_leading_to_an_old_registry_still_frees_its_cycles(
@@ -345,32 +356,15 @@ def test_a_response_leading_to_an_old_registry_still_frees_its_cycles(
     monkeypatch.setattr(recorder_heap, "HELD_MEMORY_PARTS", 2_000)
     registry = [{"entry": [n]} for n in range(3_000)]  # 6,000 objects
 
-    def api(key: str, count: int) -> None:
-        c = rec.begin_rss(rec.read_heap_early(REQUEST, key))
-        rec.measure_heap(c, REQUEST, key)
-        response = _api_response(count)
-        response.renderer_context["view"].registry = registry  # type: ignore[attr-defined]
-        rec.end(c, REQUEST, key, held=(response,))
-
     def difference() -> float:
         rec.discard()
-        gc.collect()
-        for _ in range(20):
-            api("/api/", 200)
-            api("/empty/", 0)
-        gc.collect()
-        totals = rec.totals()
-        per_reading = [
-            totals[REQUEST, key].blocks_growth / totals[REQUEST, key].heap_calls
-            for key in ("/api/", "/empty/")
-        ]
-        return per_reading[0] - per_reading[1]
+        return _api_blocks_difference(rec, registry)
 
     gc.enable()  # the deferral is the collector's
     gc.collect()  # the registry is old from now on
     monkeypatch.setattr(dropped, "walks_cut", 0)
     for _ in range(2):  # a warm-up call, then a reading whose walk is cut short at its limit:
-        api("/api/", 200)  # the readings note what is young from then on
+        _api_call(rec, "/api/", 200, registry)  # the readings note what is young from then on
     assert dropped.walks_cut
     walked_past = difference()
     with monkeypatch.context() as patch:
